@@ -1,0 +1,247 @@
+"""Ingest: validate, enrich and route every write request on ``wal-ingest``.
+
+Each record is *admitted* (it becomes a record on ``wal-deliver``, keyed by
+its routing key, or on a delay tier when it asks to wait) or *rejected* (it
+goes to the dead-letter topic with the reason in headers). Nothing a client
+can send stops this stream. The HTTP ingest (``POST /wal/write``) runs the
+same :func:`admit` before it produces to ``wal-ingest``.
+
+Offsets: a batch's events are acked only after every record they caused is
+acknowledged by Kafka (acks=all), so a crash replays them; the message id is
+derived from the source coordinates, so a replay yields the same id and the
+targets apply it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from app import topics
+from app.errors import Rejected
+from app.fleet import fleet, settings
+from app.models import Namespace, ShardStrategy, WriteRequest
+from app.topics import Record, ingest_topic
+from tables.namespaces import lookup
+
+#: Nothing larger is even parsed: the largest maxMessageSize a namespace may set.
+HARD_SIZE_LIMIT = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A request that passed every check, with what the fleet adds to it."""
+
+    request: WriteRequest
+    namespace: Namespace
+    message_id: str
+    routing_key: str
+    received_at_ms: int
+
+
+def admit(
+    raw: bytes | None,
+    headers: Mapping[str, str],
+    *,
+    timestamp_ms: int,
+    fallback_id: str,
+    sequence: int = 0,
+    now_ms: int | None = None,
+    namespace_of: Callable[[str], Namespace | None] = lookup,
+) -> Admitted:
+    """Check one raw request; raise :class:`Rejected` with a documented code if it fails.
+
+    ``fallback_id`` becomes the message id when neither the body (``messageId``)
+    nor a ``wal-message-id`` header gives one; ``sequence`` spreads
+    round-robin routing.
+    """
+    if raw is None:
+        raise Rejected("empty value (a tombstone is not a write request)", code="INVALID_JSON")
+    if len(raw) > HARD_SIZE_LIMIT:
+        raise Rejected(
+            f"message of {len(raw)} bytes exceeds the hard limit of {HARD_SIZE_LIMIT}",
+            code="MESSAGE_SIZE_LIMIT_EXCEEDED", http_status=413,
+        )
+    request = parse_request(raw)
+    namespace = namespace_of(request.namespace)
+    if namespace is None:
+        raise Rejected(
+            f"namespace '{request.namespace}' not found", code="NAMESPACE_NOT_FOUND",
+            details={"namespace": request.namespace}, http_status=404,
+        )
+    if not namespace.enabled:
+        raise Rejected(
+            f"namespace '{namespace.name}' is disabled", code="NAMESPACE_DISABLED",
+            details={"namespace": namespace.name}, http_status=403,
+        )
+    if len(raw) > namespace.max_message_size:
+        raise Rejected(
+            f"message size {len(raw)} bytes exceeds limit of {namespace.max_message_size} bytes",
+            code="MESSAGE_SIZE_LIMIT_EXCEEDED",
+            details={"actualSize": len(raw), "maxSize": namespace.max_message_size},
+            http_status=413,
+        )
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    ttl_s = request.lifecycle.ttl or namespace.message_ttl_seconds
+    if timestamp_ms and now_ms > timestamp_ms + ttl_s * 1000:
+        raise Rejected(
+            f"message expired: produced {now_ms - timestamp_ms} ms ago, ttl {ttl_s} s",
+            code="MESSAGE_EXPIRED", details={"ttlSeconds": ttl_s},
+        )
+    for ref in request.targets:
+        if namespace.target(ref.identifier) is None:
+            raise Rejected(
+                f"target '{ref.identifier}' is not defined by namespace '{namespace.name}'",
+                code="TARGET_NOT_FOUND", details={"target": ref.identifier}, http_status=400,
+            )
+    message_id = request.message_id or headers.get(topics.MESSAGE_ID) or fallback_id
+    return Admitted(
+        request=request,
+        namespace=namespace,
+        message_id=message_id,
+        routing_key=routing_key(namespace, request, message_id, sequence),
+        received_at_ms=now_ms,
+    )
+
+
+def parse_request(raw: bytes) -> WriteRequest:
+    """Bytes → :class:`WriteRequest`, or :class:`Rejected` saying exactly what is wrong."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise Rejected(f"invalid JSON: {exc}", code="INVALID_JSON") from None
+    if not isinstance(data, dict):
+        raise Rejected(
+            f"a write request is a JSON object, not {type(data).__name__}", code="INVALID_JSON"
+        )
+    try:
+        return WriteRequest.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            {"field": ".".join(str(p) for p in e["loc"]) or "(root)", "problem": e["msg"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems[:5])
+        raise Rejected(f"invalid request: {summary}", details=problems) from None
+
+
+def routing_key(namespace: Namespace, request: WriteRequest, message_id: str, sequence: int) -> str:
+    """The namespace's shard strategy applied to one request; stable for the same input.
+
+    ``hash`` and ``custom`` depend only on the request; ``round_robin`` on the
+    source offset and ``random`` on the message id, so a replay routes the same.
+    """
+    shard = namespace.shard_config
+    if shard.strategy is ShardStrategy.CUSTOM:
+        return f"{namespace.name}:{_at_path(request, shard.key_path or '')}"
+    if shard.strategy is ShardStrategy.ROUND_ROBIN:
+        return f"{namespace.name}#{sequence % shard.partition_count}"
+    if shard.strategy is ShardStrategy.RANDOM:
+        digest = hashlib.blake2b(message_id.encode(), digest_size=8).digest()
+        return f"{namespace.name}#{int.from_bytes(digest, 'big') % shard.partition_count}"
+    if shard.key_path:
+        value = _at_path(request, shard.key_path)
+        return f"{namespace.name}:{value}"
+    canonical = orjson.dumps(request.payload, option=orjson.OPT_SORT_KEYS)
+    return f"{namespace.name}:{hashlib.blake2b(canonical, digest_size=8).hexdigest()}"
+
+
+def _at_path(request: WriteRequest, path: str) -> str:
+    """Value at a dotted path (``payload.user.id``, ``metadata.tenant``) as a string."""
+    value: Any = request.model_dump(by_alias=False)
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, (dict, list)):
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    return "" if value is None else str(value)
+
+
+def derived_id(timestamp_ms: int, partition: int, offset: int) -> str:
+    """A message id from the ingest record's coordinates: time-sortable, replay-stable."""
+    return f"wal_{timestamp_ms:013d}_{partition}_{offset}"
+
+
+def deliver_record(admitted: Admitted, raw: bytes, headers: Mapping[str, str], source: str,
+                   key: bytes | None) -> Record:
+    """The ``wal-deliver`` (or delay-tier) record for an admitted request."""
+    out: dict[str, str | None] = {h: headers.get(h) for h in topics.PASSTHROUGH}
+    out.update({
+        topics.MESSAGE_ID: admitted.message_id,
+        topics.NAMESPACE: admitted.namespace.name,
+        topics.RECEIVED_AT: str(admitted.received_at_ms),
+        topics.SOURCE: source,
+        topics.ATTEMPT: "1",
+        topics.ORIGINAL_KEY: key.decode("utf-8", "replace") if key else None,
+    })
+    delay_s = admitted.request.lifecycle.delay_seconds
+    if delay_s > 0:
+        due_at = admitted.received_at_ms + delay_s * 1000
+        out[topics.DUE_AT] = str(due_at)
+        return Record(topics.delay_topic_for(due_at - admitted.received_at_ms),
+                      admitted.routing_key.encode(), raw, out)
+    return Record(topics.NAMES["deliver"], admitted.routing_key.encode(), raw, out)
+
+
+def dead_letter(rejected: Rejected, raw: bytes | None, headers: Mapping[str, str], source: str,
+                key: bytes | None, namespace: Namespace | None = None) -> Record:
+    """The dead-letter record for a rejected request: original key and bytes, reason in headers."""
+    now = str(int(time.time() * 1000))
+    out: dict[str, str | None] = {h: headers.get(h) for h in topics.PASSTHROUGH}
+    out.update({
+        topics.ERROR_CODE: rejected.code,
+        topics.ERROR_MESSAGE: rejected.message[:1000],
+        topics.SOURCE: source,
+        topics.ATTEMPT: "0",
+        topics.FIRST_FAILED_AT: now,
+        topics.LAST_FAILED_AT: now,
+        topics.NAMESPACE: namespace.name if namespace else None,
+    })
+    topic = (namespace.dlq_config.topic_name if namespace else None) or topics.NAMES["dlq"]
+    return Record(topic, key, raw, out)
+
+
+@fleet.agent(ingest_topic, concurrency=1)
+async def ingest(stream: Any) -> None:
+    """Admit or dead-letter every ingest record; never raises (faust #175)."""
+    async for events in stream.noack_take(settings.batch_size, settings.batch_within_ms / 1000):
+        records = [_route(event) for event in events]
+        await topics.emit_until_durable(records, what=f"{len(records)} ingest records")
+        for event in events:
+            await stream.ack(event)
+
+
+def _route(event: Any) -> Record:
+    message = event.message
+    headers = topics.decode_headers(message.headers)
+    source = f"{message.topic}/{message.partition}/{message.offset}"
+    timestamp_ms = int((message.timestamp or time.time()) * 1000)
+    try:
+        admitted = admit(
+            message.value, headers, timestamp_ms=timestamp_ms,
+            fallback_id=derived_id(timestamp_ms, message.partition, message.offset),
+            sequence=message.offset,
+        )
+    except Rejected as rejected:
+        return dead_letter(rejected, message.value, headers, source, message.key,
+                           _namespace_of(message.value))
+    except Exception as exc:  # a bug of ours must not stop the stream: dead-letter, loudly
+        fleet.log.exception("ingest: unexpected error admitting %s", source)
+        internal = Rejected(f"internal error: {type(exc).__name__}", code="INTERNAL_ERROR")
+        return dead_letter(internal, message.value, headers, source, message.key)
+    return deliver_record(admitted, message.value, headers, source, message.key)
+
+
+def _namespace_of(raw: bytes | None) -> Namespace | None:
+    """Best-effort namespace of a rejected request, for its DLQ topic; None if unknowable."""
+    try:
+        data = orjson.loads(raw or b"")
+        name = data.get("namespace") if isinstance(data, dict) else None
+        return lookup(name.strip().lower()) if isinstance(name, str) else None
+    except (orjson.JSONDecodeError, ValueError):
+        return None

@@ -1,0 +1,149 @@
+"""The ``wal`` command line: worker, local stack, namespaces, produce.
+
+Commands import the Faust app lazily, so ``wal stack`` works without Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import click
+import orjson
+import yaml
+from pydantic import ValidationError
+
+from app.settings import Settings
+
+
+@click.group()
+def main() -> None:
+    """WAL fleet: a Kafka-native write-ahead-log worker fleet."""
+
+
+@main.command()
+@click.option("--loglevel", "-l", default=None, help="Log level (default: WAL_LOG_LEVEL).")
+def worker(loglevel: str | None) -> None:
+    """Run a worker of the fleet (a Faust worker) in the foreground."""
+    import faust
+
+    from app.fleet import discover, fleet, settings
+    from app.topics import ensure_topics
+
+    created = asyncio.run(ensure_topics(settings))
+    if created:
+        click.echo(f"created topics: {', '.join(created)}", err=True)
+    discover()
+    faust.Worker(fleet, loglevel=loglevel or settings.log_level).execute_from_commandline()
+
+
+# -- namespaces ----------------------------------------------------------------------------
+
+
+@main.group()
+def namespaces() -> None:
+    """Apply, list and delete namespace configs (the compacted namespaces topic)."""
+
+
+@namespaces.command("apply")
+@click.option("-f", "--file", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="YAML or JSON: one namespace, a list, or {namespaces: [...]}.")
+@click.option("--dry-run", is_flag=True, help="Validate and show the changes; write nothing.")
+def namespaces_apply(path: Path, dry_run: bool) -> None:
+    """Validate every namespace in FILE, print what changes, then write them."""
+    from app import client
+
+    docs = _load_namespaces(path)
+    try:
+        parsed = [client.validate(doc) for doc in docs]
+    except ValidationError as exc:
+        raise click.ClickException(f"{path}: invalid namespace config:\n{exc}") from None
+    changes = asyncio.run(client.apply(Settings(), parsed, dry_run=dry_run))
+    for name, change in changes:
+        click.echo(f"{change:>9}  {name}")
+    if dry_run:
+        click.echo("(dry run: nothing written)")
+
+
+@namespaces.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the configs as JSON.")
+def namespaces_list(as_json: bool) -> None:
+    """List the namespaces on the namespaces topic."""
+    from app import client
+
+    current = asyncio.run(client.read_all(Settings()))
+    if as_json:
+        click.echo(orjson.dumps([ns.model_dump(mode="json") for ns in current.values()],
+                                option=orjson.OPT_INDENT_2).decode())
+        return
+    for name, ns in sorted(current.items()):
+        targets = ",".join(f"{t.identifier}:{t.type}" for t in ns.targets) or "journal:sql"
+        state = "enabled" if ns.enabled else "disabled"
+        click.echo(f"{name:<30} {state:<8} targets={targets}")
+
+
+@namespaces.command("delete")
+@click.argument("names", nargs=-1, required=True)
+def namespaces_delete(names: tuple[str, ...]) -> None:
+    """Delete namespaces (a tombstone on the namespaces topic)."""
+    from app import client
+
+    asyncio.run(client.delete(Settings(), [n.strip().lower() for n in names]))
+    for name in names:
+        click.echo(f"  deleted  {name}")
+
+
+@namespaces.command("hash-key")
+@click.argument("api_key", required=False)
+def namespaces_hash_key(api_key: str | None) -> None:
+    """Print the hash of an API key for accessControl.allowedApiKeys (reads stdin if omitted)."""
+    key = api_key if api_key is not None else sys.stdin.readline().strip()
+    if not key:
+        raise click.ClickException("no API key given")
+    click.echo(f"sha256:{hashlib.sha256(key.encode()).hexdigest()}")
+
+
+def _load_namespaces(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise click.ClickException(f"{path}: not YAML/JSON: {exc}") from None
+    if isinstance(data, dict) and "namespaces" in data:
+        data = data["namespaces"]
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+        raise click.ClickException(f"{path}: expected a namespace, a list of them, or {{namespaces: [...]}}")
+    return data
+
+
+# -- produce -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("source", type=click.File("rb"), default="-")
+@click.option("--topic", default=None, help="Topic (default: the ingest topic).")
+@click.option("--key", "key_field", default=None,
+              help="Dotted path in each request whose value becomes the record key.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def produce(source: IO[bytes], topic: str | None, key_field: str | None, progress: bool) -> None:
+    """Produce JSON write requests, one per line, from SOURCE (a file, or - for stdin)."""
+    from app import client
+
+    settings = Settings()
+    sent = asyncio.run(client.produce_lines(
+        settings, source, topic or settings.topic("ingest"), key_field, progress
+    ))
+    click.echo(f"produced {sent} records", err=True)
+
+
+def _mount_optional_groups() -> None:
+    from app.stack import stack
+
+    main.add_command(stack)
+
+
+_mount_optional_groups()

@@ -1,0 +1,107 @@
+"""Errors, and the one list of every error code a user can see.
+
+``WalError`` is the root. Errors that steer flow carry their data:
+
+* :class:`Rejected` - the request can never be accepted as sent (bad JSON,
+  unknown namespace, oversize …). Ingest dead-letters it; HTTP answers 4xx.
+* :class:`Retryable` - a delivery failed but may succeed later
+  (``retry_after`` seconds, when the target said so).
+* :class:`Permanent` - a delivery can never succeed as sent.
+
+Each carries a ``code`` from :data:`CODES`. That mapping is the documented
+list (README links here); a test keeps README and this list in step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Every error code a user can see, with its meaning. Codes travel in the
+#: ``wal-error-code`` header of dead letters and in HTTP error bodies.
+CODES: dict[str, str] = {
+    # -- rejected at ingest (Kafka: dead-lettered; HTTP: 4xx) --------------------------
+    "INVALID_JSON": "The message value is not valid UTF-8 JSON, or not a JSON object.",
+    "VALIDATION_ERROR": "The request does not match the write-request schema; "
+    "details name each field and why.",
+    "NAMESPACE_NOT_FOUND": "The request names a namespace that is not registered.",
+    "NAMESPACE_DISABLED": "The namespace exists but is disabled.",
+    "TARGET_NOT_FOUND": "The request names a target identifier its namespace does not define.",
+    "MESSAGE_SIZE_LIMIT_EXCEEDED": "The request is larger than the namespace's maxMessageSize.",
+    "MESSAGE_EXPIRED": "The request's TTL (lifecycle.ttl or the namespace's messageTtlSeconds) "
+    "passed before it could be delivered.",
+    # -- HTTP only ----------------------------------------------------------------------
+    "UNAUTHORIZED": "No API key was given, or the key is not known to any namespace.",
+    "FORBIDDEN": "The API key or the client address is not allowed for this namespace.",
+    "RATE_LIMIT_EXCEEDED": "The namespace's rate limit is exhausted; retry after Retry-After.",
+    "PAYLOAD_TOO_LARGE": "The HTTP body is larger than the largest request any namespace takes.",
+    "PRODUCER_UNAVAILABLE": "Kafka did not acknowledge the write in time; nothing was accepted.",
+    "NOT_FOUND": "No such resource (message, transaction or path).",
+    "INTERNAL_ERROR": "An unexpected error; the request id in the body finds it in the logs.",
+    # -- delivery (dead-lettered after the retry policy) ------------------------------
+    "TARGET_UNAVAILABLE": "The target could not be reached (connection refused, timeout, "
+    "circuit open).",
+    "TARGET_REJECTED": "The target refused the write for good (constraint violation, "
+    "bad type, HTTP 4xx).",
+    "TARGET_THROTTLED": "The target asked us to slow down (HTTP 429, Redis busy).",
+    "TARGET_ERROR": "The target failed in a way that may pass (HTTP 5xx, database error).",
+    "RETRIES_EXHAUSTED": "Every attempt the retry policy allows failed; "
+    "wal-error-message holds the last failure.",
+}
+
+
+class WalError(Exception):
+    """Root of the fleet's errors."""
+
+    code: str = "INTERNAL_ERROR"
+
+    def __init__(self, message: str = "", *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        assert self.code in CODES, f"undocumented error code {self.code}"
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.code
+
+
+class Rejected(WalError):
+    """A request that can never be accepted as sent; dead-lettered or answered 4xx."""
+
+    code = "VALIDATION_ERROR"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        details: Any = None,
+        http_status: int = 400,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.details = details
+        self.http_status = http_status
+
+
+class Retryable(WalError):
+    """A delivery that failed but may succeed later."""
+
+    code = "TARGET_ERROR"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class Permanent(WalError):
+    """A delivery that can never succeed as sent."""
+
+    code = "TARGET_REJECTED"
+
+
+class ConfigError(WalError):
+    """Invalid configuration (settings, namespace, target); raised at load time."""
+
+    code = "VALIDATION_ERROR"

@@ -1,0 +1,98 @@
+"""The Faust app: one per worker process, built from :class:`Settings` once.
+
+Agents, tables and views import ``fleet`` and ``settings`` from here by name.
+Discovery is explicit (``agents``, ``tables``, ``app.views``): never
+``autodiscover=True``, which would import ``targets/`` and ``deploy/``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import ssl
+from typing import Any
+
+import faust
+from aiokafka.helpers import create_ssl_context
+
+from app.settings import Settings
+
+settings = Settings()
+
+
+def broker_credentials(s: Settings) -> Any:
+    """Faust credentials for the configured Kafka security, or None for PLAINTEXT."""
+    context: ssl.SSLContext | None = None
+    if s.security_protocol in ("SSL", "SASL_SSL"):
+        context = create_ssl_context(
+            cafile=s.ssl_cafile or None,
+            certfile=s.ssl_certfile or None,
+            keyfile=s.ssl_keyfile or None,
+        )
+    if s.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=s.sasl_username,
+            password=s.sasl_password.get_secret_value(),
+            mechanism=s.sasl_mechanism,
+            ssl_context=context,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def create_app(s: Settings) -> faust.App:
+    return faust.App(
+        s.app_id,
+        broker=s.broker,
+        broker_credentials=broker_credentials(s),
+        store=s.store,
+        datadir=str(s.data_dir / "faust"),
+        autodiscover=False,  # see discover() below
+        origin="app",
+        topic_partitions=s.partitions,
+        topic_replication_factor=s.replication_factor,
+        # Kafka 4.x: the leader-election topic is not needed (no on_leader
+        # timers here) and is one more thing to create and assign.
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        producer_linger_ms=s.producer_linger_ms,
+        producer_max_request_size=16 * 1024 * 1024,
+        broker_commit_interval=s.commit_interval_s,
+        broker_commit_every=10_000,
+        stream_buffer_maxsize=max(4096, s.batch_size * 4),
+        web_host=s.web_host,
+        web_port=s.web_port,
+        web_bind=s.web_host,
+        web_in_thread=False,
+        table_standby_replicas=0,
+        key_serializer="raw",
+        value_serializer="raw",
+        logging_config=None,
+    )
+
+
+fleet = create_app(settings)
+
+#: What a worker runs: every module of these packages, and the views.
+ROLE_PACKAGES = ("agents", "tables")
+VIEWS = "app.views"
+
+
+def discover() -> list[str]:
+    """Import every agent, table and view module; return their names.
+
+    Faust's own ``discover()`` logs an import error as a warning and starts a
+    worker without that module's agents. A worker that cannot import one of
+    its roles must not start, so this imports them plainly and lets errors out.
+    """
+    names = [
+        f"{package}.{module.name}"
+        for package in ROLE_PACKAGES
+        for module in pkgutil.iter_modules(importlib.import_module(package).__path__)
+    ]
+    names.append(VIEWS)
+    for name in names:
+        importlib.import_module(name)
+    return names

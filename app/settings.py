@@ -1,0 +1,139 @@
+"""Settings: one frozen object, read once from the environment (prefix ``WAL_``).
+
+Nothing else in the code base reads the environment: build a :class:`Settings`
+once (``Settings()``) and pass it down to the app, the targets and the CLI.
+Each field's docstring names the variable that sets it.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="WAL_", frozen=True, extra="ignore", use_attribute_docstrings=True
+    )
+
+    app_id: str = "wal"
+    """WAL_APP_ID: Faust app id, also the Kafka consumer group id."""
+
+    broker: str = "kafka://127.0.0.1:9092"
+    """WAL_BROKER: Kafka bootstrap servers, ``kafka://host:port[;host:port]``."""
+
+    topic_prefix: str = "wal"
+    """WAL_TOPIC_PREFIX: prefix of every topic name (``<prefix>-ingest`` …)."""
+
+    partitions: int = Field(default=8, ge=1, le=1024)
+    """WAL_PARTITIONS: partition count of the topics the fleet creates."""
+
+    replication_factor: int = Field(default=1, ge=1)
+    """WAL_REPLICATION_FACTOR: replication factor of the topics the fleet creates."""
+
+    store: str = "memory://"
+    """WAL_STORE: Faust table store, ``memory://`` or ``rocksdb://``."""
+
+    web_host: str = "127.0.0.1"
+    """WAL_WEB_HOST: address the worker's web server binds to."""
+
+    web_port: int = 6066
+    """WAL_WEB_PORT: port of the worker's web server (views, /metrics, health)."""
+
+    data_dir: Path = Path("./var")
+    """WAL_DATA_DIR: where the worker keeps local state (table stores, SQLite file)."""
+
+    database_url: str = ""
+    """WAL_DATABASE_URL: SQLAlchemy URL of the default SQL target.
+
+    Empty means the embedded default, a SQLite file ``<data_dir>/wal.db``.
+    PostgreSQL: ``postgresql+psycopg://user:pass@127.0.0.1:5432/wal``.
+    """
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """WAL_REDIS_URL: URL of the default Redis target."""
+
+    batch_size: int = Field(default=500, ge=1, le=100_000)
+    """WAL_BATCH_SIZE: most events an agent takes from its stream at once."""
+
+    batch_within_ms: int = Field(default=50, ge=1, le=60_000)
+    """WAL_BATCH_WITHIN_MS: longest an agent waits to fill a batch."""
+
+    commit_interval_s: float = Field(default=1.0, gt=0)
+    """WAL_COMMIT_INTERVAL_S: how often acknowledged offsets are committed."""
+
+    producer_linger_ms: int = Field(default=5, ge=0)
+    """WAL_PRODUCER_LINGER_MS: producer linger; batches records sent together."""
+
+    log_level: str = "info"
+    """WAL_LOG_LEVEL: worker log level."""
+
+    # -- Kafka security -------------------------------------------------------------
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """WAL_SECURITY_PROTOCOL: Kafka security protocol."""
+
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    """WAL_SASL_MECHANISM: SASL mechanism when the protocol is SASL_*."""
+
+    sasl_username: str = ""
+    """WAL_SASL_USERNAME: SASL user name."""
+
+    sasl_password: SecretStr = SecretStr("")
+    """WAL_SASL_PASSWORD: SASL password (never logged)."""
+
+    ssl_cafile: str = ""
+    """WAL_SSL_CAFILE: CA bundle to verify the brokers with (SSL, SASL_SSL)."""
+
+    ssl_certfile: str = ""
+    """WAL_SSL_CERTFILE: client certificate for mutual TLS."""
+
+    ssl_keyfile: str = ""
+    """WAL_SSL_KEYFILE: client key for mutual TLS."""
+
+    # -- local stack (``wal stack``) ------------------------------------------------
+    stack_dir: Path = Path("./var/stack")
+    """WAL_STACK_DIR: data, logs and pid files of the local stack."""
+
+    stack_cache_dir: Path = Path.home() / ".cache" / "wal"
+    """WAL_STACK_CACHE_DIR: where Kafka's jars are resolved to (outside the repo)."""
+
+    kafka_version: str = "4.4.0"
+    """WAL_KAFKA_VERSION: Apache Kafka release the local stack runs."""
+
+    postgres_port: int = 5432
+    """WAL_POSTGRES_PORT: port of the local stack's PostgreSQL."""
+
+    redis_port: int = 6379
+    """WAL_REDIS_PORT: port of the local stack's Redis."""
+
+    @cached_property
+    def bootstrap_servers(self) -> list[str]:
+        """``host:port`` entries of :attr:`broker`, as aiokafka wants them."""
+        servers = []
+        for part in self.broker.replace(",", ";").split(";"):
+            part = part.strip()
+            if part:
+                servers.append(part.split("://", 1)[-1])
+        return servers
+
+    @cached_property
+    def broker_host_port(self) -> tuple[str, int]:
+        """Host and port of the first bootstrap server."""
+        parts = urlsplit("//" + self.bootstrap_servers[0])
+        return parts.hostname or "127.0.0.1", parts.port or 9092
+
+    @cached_property
+    def sql_url(self) -> str:
+        """The default SQL target's URL, with the embedded default filled in."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'wal.db').as_posix()}"
+
+    def topic(self, name: str) -> str:
+        """Full name of one of the fleet's topics: ``topic("ingest")`` is ``wal-ingest``."""
+        return f"{self.topic_prefix}-{name}"

@@ -1,0 +1,188 @@
+"""The fleet's topics, its headers, and the one way agents write to Kafka.
+
+Every value on these topics is bytes: the ingest, deliver and delay topics
+carry a client's original request bytes unchanged, with everything the fleet
+adds (message id, namespace, attempt, due time, reasons) in ``wal-*``
+headers. So a dead letter is always the original bytes and can be replayed
+as it is (ARCHITECTURE.md §3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.structs import RecordMetadata
+
+from app.fleet import fleet, settings
+from app.settings import Settings
+
+# -- headers -------------------------------------------------------------------------
+MESSAGE_ID = "wal-message-id"
+NAMESPACE = "wal-namespace"
+ATTEMPT = "wal-attempt"
+DUE_AT = "wal-due-at"
+ERROR_CODE = "wal-error-code"
+ERROR_MESSAGE = "wal-error-message"
+TARGET = "wal-target"
+SOURCE = "wal-source"
+FIRST_FAILED_AT = "wal-first-failed-at"
+LAST_FAILED_AT = "wal-last-failed-at"
+REPLAYED_FROM = "wal-replayed-from"
+RECEIVED_AT = "wal-received-at"
+ORIGINAL_KEY = "wal-original-key"
+TRACEPARENT = "traceparent"
+
+#: Headers a client may set on an ingest record that the fleet carries along.
+PASSTHROUGH = (TRACEPARENT, REPLAYED_FROM)
+
+#: Delay tiers, in seconds: a waiting message sits in the largest tier that does
+#: not overshoot its due time, and hops down until it is due.
+DELAY_TIERS: tuple[int, ...] = (1, 5, 30, 120, 900)
+
+Headers = dict[str, str]
+
+
+def tier_name(seconds: int) -> str:
+    return f"{seconds}s" if seconds < 60 else f"{seconds // 60}m"
+
+
+def topic_names(s: Settings) -> dict[str, str]:
+    """Role → full topic name, for every topic the fleet uses."""
+    names = {
+        "ingest": s.topic("ingest"),
+        "deliver": s.topic("deliver"),
+        "dlq": s.topic("dlq"),
+        "namespaces": s.topic("namespaces"),
+        "txn-events": s.topic("txn-events"),
+    }
+    for seconds in DELAY_TIERS:
+        names[f"delay-{tier_name(seconds)}"] = s.topic(f"delay-{tier_name(seconds)}")
+    return names
+
+
+NAMES = topic_names(settings)
+ingest_topic = fleet.topic(NAMES["ingest"], partitions=settings.partitions)
+deliver_topic = fleet.topic(NAMES["deliver"], partitions=settings.partitions)
+delay_topics = {
+    seconds: fleet.topic(NAMES[f"delay-{tier_name(seconds)}"], partitions=settings.partitions)
+    for seconds in DELAY_TIERS
+}
+
+
+def delay_topic_for(remaining_ms: int) -> str:
+    """The delay tier to wait in: the largest that does not overshoot ``remaining_ms``."""
+    fitting = [t for t in DELAY_TIERS if t * 1000 <= remaining_ms] or [DELAY_TIERS[0]]
+    return NAMES[f"delay-{tier_name(max(fitting))}"]
+
+
+def decode_headers(raw: Iterable[tuple[str, bytes]] | Mapping[str, bytes] | None) -> Headers:
+    """Kafka headers as a str → str dict (the last value wins for repeated keys)."""
+    if not raw:
+        return {}
+    items = raw.items() if isinstance(raw, Mapping) else raw
+    return {k: v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for k, v in items}
+
+
+def encode_headers(headers: Mapping[str, str | None]) -> list[tuple[str, bytes]]:
+    return [(k, v.encode()) for k, v in headers.items() if v is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One record to produce."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Mapping[str, str | None]
+    partition: int | None = None
+
+
+async def emit(records: Sequence[Record]) -> list[RecordMetadata]:
+    """Produce ``records`` with acks=all and wait until Kafka has them all.
+
+    Callers ack their source events only after this returns: that is what
+    makes "commit a source offset only after what it caused is durable" true.
+    A Kafka error propagates; callers keep their events unacked and retry.
+    """
+    producer = fleet.producer
+    futures = [
+        await producer.send(
+            r.topic, r.key, r.value, r.partition, None, encode_headers(r.headers)
+        )
+        for r in records
+    ]
+    return list(await asyncio.gather(*futures))
+
+
+async def emit_until_durable(records: Sequence[Record], *, what: str) -> None:
+    """:func:`emit`, retried with backoff until Kafka takes the records.
+
+    A stream must not move past a message whose consequence is not durable,
+    and must not die either (faust #175): so it waits here, logging, while the
+    broker is away, and its source offsets stay uncommitted.
+    """
+    delay = 0.2
+    while True:
+        try:
+            await emit(records)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a broker outage: wait and try again
+            fleet.log.warning("producing %s failed (%s); retrying in %.1fs", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def ensure_topics(s: Settings, *, timeout: float = 30.0) -> list[str]:
+    """Create every topic the fleet needs that does not exist yet; return those created."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=s.bootstrap_servers, request_timeout_ms=int(timeout * 1000),
+        **admin_security(s),
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = []
+        for role, name in topic_names(s).items():
+            if name in existing:
+                continue
+            configs = {"min.insync.replicas": str(min(2, s.replication_factor))}
+            if role == "namespaces":
+                configs["cleanup.policy"] = "compact"
+            wanted.append(NewTopic(name, s.partitions if role != "namespaces" else 1,
+                                   s.replication_factor, topic_configs=configs))
+        if wanted:
+            try:
+                await admin.create_topics(wanted, timeout_ms=int(timeout * 1000))
+            except TopicAlreadyExistsError:  # another worker won the race
+                pass
+        return [t.name for t in wanted]
+    finally:
+        await admin.close()
+
+
+def admin_security(s: Settings) -> dict[str, Any]:
+    """aiokafka client keyword arguments for the configured Kafka security."""
+    if s.security_protocol == "PLAINTEXT":
+        return {}
+    from app.fleet import broker_credentials
+
+    creds = broker_credentials(s)
+    kwargs: dict[str, Any] = {"security_protocol": s.security_protocol}
+    if s.security_protocol.startswith("SASL"):
+        kwargs.update(
+            sasl_mechanism=s.sasl_mechanism,
+            sasl_plain_username=s.sasl_username,
+            sasl_plain_password=s.sasl_password.get_secret_value(),
+        )
+    context = getattr(creds, "ssl_context", None) or getattr(creds, "context", None)
+    if context is not None:
+        kwargs["ssl_context"] = context
+    return kwargs
