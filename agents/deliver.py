@@ -106,7 +106,9 @@ def _plan(item: Item) -> Record | None:
         return _dead_letter(item, "VALIDATION_ERROR", f"not a write request: {exc}"[:500])
     namespace = lookup(request.namespace)
     if namespace is None:
-        return _dead_letter(item, "NAMESPACE_NOT_FOUND", f"namespace '{request.namespace}' was deleted")
+        return _dead_letter(
+            item, "NAMESPACE_NOT_FOUND", f"namespace '{request.namespace}' was deleted"
+        )
     item.namespace = namespace
     message_id = item.headers.get(topics.MESSAGE_ID) or request.message_id
     if not message_id:
@@ -128,7 +130,9 @@ def _plan(item: Item) -> Record | None:
     return None
 
 
-def _targets_of(namespace: Namespace, request: WriteRequest) -> list[tuple[TargetDef, TargetRef | None]]:
+def _targets_of(
+    namespace: Namespace, request: WriteRequest
+) -> list[tuple[TargetDef, TargetRef | None]]:
     if not namespace.targets:
         return [(JOURNAL, None)]
     if not request.targets:
@@ -167,14 +171,23 @@ async def _deliver_group(namespace_name: str, identifier: str, members: list[Ite
         retry: list[Item] = []
         for member, outcome in zip(pending, outcomes, strict=True):
             if outcome.status == "permanent":
-                dead.append(_dead_letter(member, outcome.code or "TARGET_REJECTED",
-                                         outcome.message, identifier))
+                dead.append(
+                    _dead_letter(
+                        member, outcome.code or "TARGET_REJECTED", outcome.message, identifier
+                    )
+                )
             elif outcome.status == "retryable":
                 retry.append(member)
         if retry:
             wait = max(backoff, _hint(outcomes))
-            fleet.log.warning("target %s/%s: %d writes failed (%s); retrying in %.1fs",
-                              namespace_name, identifier, len(retry), _first_failure(outcomes), wait)
+            fleet.log.warning(
+                "target %s/%s: %d writes failed (%s); retrying in %.1fs",
+                namespace_name,
+                identifier,
+                len(retry),
+                _first_failure(outcomes),
+                wait,
+            )
             await asyncio.sleep(wait)
             backoff = min(backoff * 2, 10.0)
         pending = retry
@@ -192,14 +205,16 @@ def _first_failure(outcomes: list[Outcome]) -> str:
 def _dead_letter(item: Item, code: str, message: str, target: str | None = None) -> Record:
     now = str(int(time.time() * 1000))
     headers: dict[str, str | None] = dict(item.headers)
-    headers.update({
-        topics.ERROR_CODE: code,
-        topics.ERROR_MESSAGE: message[:1000],
-        topics.TARGET: target,
-        topics.SOURCE: item.headers.get(topics.SOURCE) or item.source,
-        topics.FIRST_FAILED_AT: item.headers.get(topics.FIRST_FAILED_AT) or now,
-        topics.LAST_FAILED_AT: now,
-    })
+    headers.update(
+        {
+            topics.ERROR_CODE: code,
+            topics.ERROR_MESSAGE: message[:1000],
+            topics.TARGET: target,
+            topics.SOURCE: item.headers.get(topics.SOURCE) or item.source,
+            topics.FIRST_FAILED_AT: item.headers.get(topics.FIRST_FAILED_AT) or now,
+            topics.LAST_FAILED_AT: now,
+        }
+    )
     key = item.headers.get(topics.ORIGINAL_KEY)
     dlq = (item.namespace.dlq_config.topic_name if item.namespace else None) or topics.NAMES["dlq"]
     return Record(dlq, key.encode() if key else None, item.raw, headers)

@@ -54,32 +54,41 @@ def admit(
     sequence: int = 0,
     now_ms: int | None = None,
     namespace_of: Callable[[str], Namespace | None] = lookup,
+    authorize: Callable[[Namespace], None] | None = None,
 ) -> Admitted:
     """Check one raw request; raise :class:`Rejected` with a documented code if it fails.
 
     ``fallback_id`` becomes the message id when neither the body (``messageId``)
     nor a ``wal-message-id`` header gives one; ``sequence`` spreads
-    round-robin routing.
+    round-robin routing. ``authorize`` (the HTTP ingest's access control) runs
+    once the namespace is known, and raises :class:`Rejected` to refuse.
     """
     if raw is None:
         raise Rejected("empty value (a tombstone is not a write request)", code="INVALID_JSON")
     if len(raw) > HARD_SIZE_LIMIT:
         raise Rejected(
             f"message of {len(raw)} bytes exceeds the hard limit of {HARD_SIZE_LIMIT}",
-            code="MESSAGE_SIZE_LIMIT_EXCEEDED", http_status=413,
+            code="MESSAGE_SIZE_LIMIT_EXCEEDED",
+            http_status=413,
         )
     request = parse_request(raw)
     namespace = namespace_of(request.namespace)
     if namespace is None:
         raise Rejected(
-            f"namespace '{request.namespace}' not found", code="NAMESPACE_NOT_FOUND",
-            details={"namespace": request.namespace}, http_status=404,
+            f"namespace '{request.namespace}' not found",
+            code="NAMESPACE_NOT_FOUND",
+            details={"namespace": request.namespace},
+            http_status=404,
         )
     if not namespace.enabled:
         raise Rejected(
-            f"namespace '{namespace.name}' is disabled", code="NAMESPACE_DISABLED",
-            details={"namespace": namespace.name}, http_status=403,
+            f"namespace '{namespace.name}' is disabled",
+            code="NAMESPACE_DISABLED",
+            details={"namespace": namespace.name},
+            http_status=403,
         )
+    if authorize is not None:
+        authorize(namespace)
     if len(raw) > namespace.max_message_size:
         raise Rejected(
             f"message size {len(raw)} bytes exceeds limit of {namespace.max_message_size} bytes",
@@ -92,13 +101,16 @@ def admit(
     if timestamp_ms and now_ms > timestamp_ms + ttl_s * 1000:
         raise Rejected(
             f"message expired: produced {now_ms - timestamp_ms} ms ago, ttl {ttl_s} s",
-            code="MESSAGE_EXPIRED", details={"ttlSeconds": ttl_s},
+            code="MESSAGE_EXPIRED",
+            details={"ttlSeconds": ttl_s},
         )
     for ref in request.targets:
         if namespace.target(ref.identifier) is None:
             raise Rejected(
                 f"target '{ref.identifier}' is not defined by namespace '{namespace.name}'",
-                code="TARGET_NOT_FOUND", details={"target": ref.identifier}, http_status=400,
+                code="TARGET_NOT_FOUND",
+                details={"target": ref.identifier},
+                http_status=400,
             )
     message_id = request.message_id or headers.get(topics.MESSAGE_ID) or fallback_id
     return Admitted(
@@ -167,41 +179,56 @@ def derived_id(timestamp_ms: int, partition: int, offset: int) -> str:
     return f"wal_{timestamp_ms:013d}_{partition}_{offset}"
 
 
-def deliver_record(admitted: Admitted, raw: bytes, headers: Mapping[str, str], source: str,
-                   key: bytes | None) -> Record:
+def deliver_record(
+    admitted: Admitted, raw: bytes, headers: Mapping[str, str], source: str, key: bytes | None
+) -> Record:
     """The ``wal-deliver`` (or delay-tier) record for an admitted request."""
     out: dict[str, str | None] = {h: headers.get(h) for h in topics.PASSTHROUGH}
-    out.update({
-        topics.MESSAGE_ID: admitted.message_id,
-        topics.NAMESPACE: admitted.namespace.name,
-        topics.RECEIVED_AT: str(admitted.received_at_ms),
-        topics.SOURCE: source,
-        topics.ATTEMPT: "1",
-        topics.ORIGINAL_KEY: key.decode("utf-8", "replace") if key else None,
-    })
+    out.update(
+        {
+            topics.MESSAGE_ID: admitted.message_id,
+            topics.NAMESPACE: admitted.namespace.name,
+            topics.RECEIVED_AT: str(admitted.received_at_ms),
+            topics.SOURCE: source,
+            topics.ATTEMPT: "1",
+            topics.ORIGINAL_KEY: key.decode("utf-8", "replace") if key else None,
+        }
+    )
     delay_s = admitted.request.lifecycle.delay_seconds
     if delay_s > 0:
         due_at = admitted.received_at_ms + delay_s * 1000
         out[topics.DUE_AT] = str(due_at)
-        return Record(topics.delay_topic_for(due_at - admitted.received_at_ms),
-                      admitted.routing_key.encode(), raw, out)
+        return Record(
+            topics.delay_topic_for(due_at - admitted.received_at_ms),
+            admitted.routing_key.encode(),
+            raw,
+            out,
+        )
     return Record(topics.NAMES["deliver"], admitted.routing_key.encode(), raw, out)
 
 
-def dead_letter(rejected: Rejected, raw: bytes | None, headers: Mapping[str, str], source: str,
-                key: bytes | None, namespace: Namespace | None = None) -> Record:
+def dead_letter(
+    rejected: Rejected,
+    raw: bytes | None,
+    headers: Mapping[str, str],
+    source: str,
+    key: bytes | None,
+    namespace: Namespace | None = None,
+) -> Record:
     """The dead-letter record for a rejected request: original key and bytes, reason in headers."""
     now = str(int(time.time() * 1000))
     out: dict[str, str | None] = {h: headers.get(h) for h in topics.PASSTHROUGH}
-    out.update({
-        topics.ERROR_CODE: rejected.code,
-        topics.ERROR_MESSAGE: rejected.message[:1000],
-        topics.SOURCE: source,
-        topics.ATTEMPT: "0",
-        topics.FIRST_FAILED_AT: now,
-        topics.LAST_FAILED_AT: now,
-        topics.NAMESPACE: namespace.name if namespace else None,
-    })
+    out.update(
+        {
+            topics.ERROR_CODE: rejected.code,
+            topics.ERROR_MESSAGE: rejected.message[:1000],
+            topics.SOURCE: source,
+            topics.ATTEMPT: "0",
+            topics.FIRST_FAILED_AT: now,
+            topics.LAST_FAILED_AT: now,
+            topics.NAMESPACE: namespace.name if namespace else None,
+        }
+    )
     topic = (namespace.dlq_config.topic_name if namespace else None) or topics.NAMES["dlq"]
     return Record(topic, key, raw, out)
 
@@ -223,13 +250,16 @@ def _route(event: Any) -> Record:
     timestamp_ms = int((message.timestamp or time.time()) * 1000)
     try:
         admitted = admit(
-            message.value, headers, timestamp_ms=timestamp_ms,
+            message.value,
+            headers,
+            timestamp_ms=timestamp_ms,
             fallback_id=derived_id(timestamp_ms, message.partition, message.offset),
             sequence=message.offset,
         )
     except Rejected as rejected:
-        return dead_letter(rejected, message.value, headers, source, message.key,
-                           _namespace_of(message.value))
+        return dead_letter(
+            rejected, message.value, headers, source, message.key, _namespace_of(message.value)
+        )
     except Exception as exc:  # a bug of ours must not stop the stream: dead-letter, loudly
         fleet.log.exception("ingest: unexpected error admitting %s", source)
         internal = Rejected(f"internal error: {type(exc).__name__}", code="INTERNAL_ERROR")

@@ -33,6 +33,7 @@ def worker(loglevel: str | None) -> None:
     from app.fleet import discover, fleet, settings
     from app.topics import ensure_topics
 
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     created = asyncio.run(ensure_topics(settings))
     if created:
         click.echo(f"created topics: {', '.join(created)}", err=True)
@@ -49,8 +50,14 @@ def namespaces() -> None:
 
 
 @namespaces.command("apply")
-@click.option("-f", "--file", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True, help="YAML or JSON: one namespace, a list, or {namespaces: [...]}.")
+@click.option(
+    "-f",
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="YAML or JSON: one namespace, a list, or {namespaces: [...]}.",
+)
 @click.option("--dry-run", is_flag=True, help="Validate and show the changes; write nothing.")
 def namespaces_apply(path: Path, dry_run: bool) -> None:
     """Validate every namespace in FILE, print what changes, then write them."""
@@ -76,8 +83,11 @@ def namespaces_list(as_json: bool) -> None:
 
     current = asyncio.run(client.read_all(Settings()))
     if as_json:
-        click.echo(orjson.dumps([ns.model_dump(mode="json") for ns in current.values()],
-                                option=orjson.OPT_INDENT_2).decode())
+        click.echo(
+            orjson.dumps(
+                [ns.model_dump(mode="json") for ns in current.values()], option=orjson.OPT_INDENT_2
+            ).decode()
+        )
         return
     for name, ns in sorted(current.items()):
         targets = ",".join(f"{t.identifier}:{t.type}" for t in ns.targets) or "journal:sql"
@@ -116,8 +126,35 @@ def _load_namespaces(path: Path) -> list[dict[str, Any]]:
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
-        raise click.ClickException(f"{path}: expected a namespace, a list of them, or {{namespaces: [...]}}")
+        raise click.ClickException(
+            f"{path}: expected a namespace, a list of them, or {{namespaces: [...]}}"
+        )
     return data
+
+
+# -- schemas -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--check", is_flag=True, help="Exit 1 if the files differ from the models.")
+def schemas(check: bool) -> None:
+    """Write (or check) the JSON Schema files in app/schemas/ from the wire models."""
+    from app.models import SCHEMA_FILES, json_schema
+
+    folder = Path(__file__).with_name("schemas")
+    folder.mkdir(exist_ok=True)
+    stale = []
+    for name, model in SCHEMA_FILES.items():
+        text = orjson.dumps(json_schema(model), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        path = folder / name
+        if check:
+            if not path.exists() or path.read_bytes() != text + b"\n":
+                stale.append(name)
+        else:
+            path.write_bytes(text + b"\n")
+            click.echo(f"wrote {path}")
+    if stale:
+        raise click.ClickException(f"stale schema files: {', '.join(stale)}; run `wal schemas`")
 
 
 # -- produce -------------------------------------------------------------------------------
@@ -126,17 +163,23 @@ def _load_namespaces(path: Path) -> list[dict[str, Any]]:
 @main.command()
 @click.argument("source", type=click.File("rb"), default="-")
 @click.option("--topic", default=None, help="Topic (default: the ingest topic).")
-@click.option("--key", "key_field", default=None,
-              help="Dotted path in each request whose value becomes the record key.")
+@click.option(
+    "--key",
+    "key_field",
+    default=None,
+    help="Dotted path in each request whose value becomes the record key.",
+)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def produce(source: IO[bytes], topic: str | None, key_field: str | None, progress: bool) -> None:
     """Produce JSON write requests, one per line, from SOURCE (a file, or - for stdin)."""
     from app import client
 
     settings = Settings()
-    sent = asyncio.run(client.produce_lines(
-        settings, source, topic or settings.topic("ingest"), key_field, progress
-    ))
+    sent = asyncio.run(
+        client.produce_lines(
+            settings, source, topic or settings.topic("ingest"), key_field, progress
+        )
+    )
     click.echo(f"produced {sent} records", err=True)
 
 

@@ -25,16 +25,21 @@ def validate(doc: dict[str, Any]) -> Namespace:
 
 def producer(s: Settings, **kwargs: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(
-        bootstrap_servers=s.bootstrap_servers, acks="all", enable_idempotence=True,
-        **admin_security(s), **kwargs,
+        bootstrap_servers=s.bootstrap_servers,
+        acks="all",
+        enable_idempotence=True,
+        **admin_security(s),
+        **kwargs,
     )
 
 
 async def read_topic(s: Settings, topic: str, *, timeout: float = 10.0) -> list[Any]:
     """Every record of ``topic`` from the beginning to its current end."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=s.bootstrap_servers, enable_auto_commit=False,
-        auto_offset_reset="earliest", **admin_security(s),
+        bootstrap_servers=s.bootstrap_servers,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        **admin_security(s),
     )
     await consumer.start()
     try:
@@ -77,7 +82,9 @@ async def read_all(s: Settings) -> dict[str, Namespace]:
     return out
 
 
-async def apply(s: Settings, wanted: Iterable[Namespace], *, dry_run: bool = False) -> list[tuple[str, str]]:
+async def apply(
+    s: Settings, wanted: Iterable[Namespace], *, dry_run: bool = False
+) -> list[tuple[str, str]]:
     """Write namespace configs; return (name, "created"|"updated"|"unchanged") for each."""
     await ensure_topics(s)
     current = await read_all(s)
@@ -114,7 +121,11 @@ async def _send(s: Settings, topic: str, records: list[tuple[bytes, bytes | None
 
 
 async def produce_lines(
-    s: Settings, source: IO[bytes], topic: str, key_field: str | None, progress: bool,
+    s: Settings,
+    source: IO[bytes],
+    topic: str,
+    key_field: str | None,
+    progress: bool,
     headers: dict[str, str] | None = None,
 ) -> int:
     """Produce each non-empty line of ``source`` as one record; return how many."""
@@ -130,8 +141,9 @@ async def produce_lines(
             if not line:
                 continue
             key = _key_of(line, key_field) if key_field else None
-            pending.append(await p.send(topic, line, key=key,
-                                        headers=encode_headers(headers or {})))
+            pending.append(
+                await p.send(topic, line, key=key, headers=encode_headers(headers or {}))
+            )
             sent += 1
             if len(pending) >= 1000:
                 await asyncio.gather(*pending)

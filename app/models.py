@@ -42,7 +42,9 @@ def _normalise_name(value: Any) -> Any:
 
 
 NamespaceName = Annotated[
-    str, BeforeValidator(_normalise_name), Field(min_length=1, max_length=100, pattern=_NAME_PATTERN)
+    str,
+    BeforeValidator(_normalise_name),
+    Field(min_length=1, max_length=100, pattern=_NAME_PATTERN),
 ]
 Identifier = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")]
 
@@ -172,9 +174,7 @@ class WriteRequest(Wire):
 
     namespace: NamespaceName
     payload: dict[str, Any]
-    target: Annotated[
-        TargetRef | list[TargetRef] | None, BeforeValidator(_target_shorthand)
-    ] = None
+    target: Annotated[TargetRef | list[TargetRef] | None, BeforeValidator(_target_shorthand)] = None
     lifecycle: Lifecycle = Lifecycle()
     metadata: dict[str, str] = {}
     priority: int = Field(default=5, ge=1, le=10)
@@ -336,3 +336,16 @@ class Namespace(Wire):
 
     def target(self, identifier: str) -> TargetDef | None:
         return next((t for t in self.targets if t.identifier == identifier), None)
+
+
+#: The published JSON Schema files (``app/schemas/``), by file name.
+SCHEMA_FILES: dict[str, type[Wire]] = {
+    "write-request.schema.json": WriteRequest,
+    "namespace.schema.json": Namespace,
+}
+
+
+def json_schema(model: type[Wire]) -> dict[str, Any]:
+    """The JSON Schema of a wire model, as published (by alias, draft 2020-12)."""
+    schema = model.model_json_schema(by_alias=True, mode="validation")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}

@@ -67,8 +67,16 @@ class Settings(BaseSettings):
     commit_interval_s: float = Field(default=1.0, gt=0)
     """WAL_COMMIT_INTERVAL_S: how often acknowledged offsets are committed."""
 
+    session_timeout_s: float = Field(default=10.0, ge=3, le=300)
+    """WAL_SESSION_TIMEOUT_S: how long a silent worker keeps its partitions before the
+    group hands them to others (after a crash, processing of its partitions resumes
+    this much later)."""
+
     producer_linger_ms: int = Field(default=5, ge=0)
     """WAL_PRODUCER_LINGER_MS: producer linger; batches records sent together."""
+
+    http_produce_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    """WAL_HTTP_PRODUCE_TIMEOUT_S: how long POST /wal/write waits for Kafka before 503."""
 
     log_level: str = "info"
     """WAL_LOG_LEVEL: worker log level."""

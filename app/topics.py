@@ -10,6 +10,7 @@ as it is (ARCHITECTURE.md §3).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -112,9 +113,7 @@ async def emit(records: Sequence[Record]) -> list[RecordMetadata]:
     """
     producer = fleet.producer
     futures = [
-        await producer.send(
-            r.topic, r.key, r.value, r.partition, None, encode_headers(r.headers)
-        )
+        await producer.send(r.topic, r.key, r.value, r.partition, None, encode_headers(r.headers))
         for r in records
     ]
     return list(await asyncio.gather(*futures))
@@ -143,7 +142,8 @@ async def emit_until_durable(records: Sequence[Record], *, what: str) -> None:
 async def ensure_topics(s: Settings, *, timeout: float = 30.0) -> list[str]:
     """Create every topic the fleet needs that does not exist yet; return those created."""
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=s.bootstrap_servers, request_timeout_ms=int(timeout * 1000),
+        bootstrap_servers=s.bootstrap_servers,
+        request_timeout_ms=int(timeout * 1000),
         **admin_security(s),
     )
     await admin.start()
@@ -156,13 +156,17 @@ async def ensure_topics(s: Settings, *, timeout: float = 30.0) -> list[str]:
             configs = {"min.insync.replicas": str(min(2, s.replication_factor))}
             if role == "namespaces":
                 configs["cleanup.policy"] = "compact"
-            wanted.append(NewTopic(name, s.partitions if role != "namespaces" else 1,
-                                   s.replication_factor, topic_configs=configs))
+            wanted.append(
+                NewTopic(
+                    name,
+                    s.partitions if role != "namespaces" else 1,
+                    s.replication_factor,
+                    topic_configs=configs,
+                )
+            )
         if wanted:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another worker won the race
                 await admin.create_topics(wanted, timeout_ms=int(timeout * 1000))
-            except TopicAlreadyExistsError:  # another worker won the race
-                pass
         return [t.name for t in wanted]
     finally:
         await admin.close()

@@ -17,6 +17,7 @@ from app.fleet import fleet
 from app.models import Namespace
 from app.topics import NAMES
 
+
 class NamespaceTable(faust.GlobalTable):
     """A GlobalTable whose changelog is the public ``<prefix>-namespaces`` topic.
 
@@ -30,19 +31,21 @@ class NamespaceTable(faust.GlobalTable):
         return NAMES["namespaces"]
 
 
-namespaces = fleet.tables.add(
-    NamespaceTable(
-        fleet,
-        name="namespaces",
-        key_type=bytes,
-        value_type=bytes,
-        partitions=1,
-        beacon=fleet.tables.beacon,
-        standby_buffer_size=1,
-        is_global=True,
-        help="Namespace configs by name (source: the compacted namespaces topic).",
-    )
+namespaces = NamespaceTable(
+    fleet,
+    name="namespaces",
+    key_type=bytes,
+    value_type=bytes,
+    partitions=1,
+    beacon=fleet.tables.beacon,
+    standby_buffer_size=1,
+    # Faust resumes an active-only changelog partition after recovery (so the
+    # table keeps following the topic live) only when this is 1.
+    recovery_buffer_size=1,
+    is_global=True,
+    help="Namespace configs by name (source: the compacted namespaces topic).",
 )
+fleet.tables.add(namespaces)
 
 # name -> (raw config, parsed config): parse each version of a config once.
 _parsed: dict[str, tuple[bytes, Namespace | None]] = {}
@@ -76,5 +79,4 @@ def parse(raw: bytes) -> Namespace | None:
 
 
 def all_names() -> list[str]:
-    return sorted(k.decode() for k in namespaces.keys())
-
+    return sorted(k.decode() for k in namespaces)

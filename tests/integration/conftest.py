@@ -1,0 +1,47 @@
+"""Fixtures for tests against the real stack (``make stack-up``: Kafka, PostgreSQL, Redis)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import Fleet
+
+SERVICES = {"kafka": 9092, "postgres": 5432, "redis": 6379}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stack_is_up() -> None:
+    """Fail (never skip) when a service of the local stack is not there."""
+    down = []
+    for name, port in SERVICES.items():
+        with socket.socket() as s:
+            s.settimeout(1.0)
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                down.append(f"{name} (127.0.0.1:{port})")
+    if down:
+        pytest.fail(
+            f"local stack not running: {', '.join(down)}; run `make stack-up`", pytrace=False
+        )
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
+    """A fleet of this test's own (topic prefix, group); its workers stop at the end."""
+    f = Fleet(tmp_path)
+    yield f
+    f.stop_all()
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        for w in f.workers:
+            print(f"--- {w.log} ---\n{w.tail()}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
