@@ -1,0 +1,58 @@
+# Local development and CI entry points. `make test` is what .ci/run runs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The stack module itself rather than `wal stack`: it imports no Faust app.
+STACK := $(PY) -m app.stack
+NAMESPACES := deploy/local/namespaces.yaml
+CODE := app agents tables targets
+
+.PHONY: help venv deps stack-up stack-down stack-status run test lint bench clean
+
+help:
+	@echo "make deps | venv | stack-up | stack-down | stack-status | run | test | lint | bench | clean"
+
+venv: $(STAMP)
+
+# Reinstalls whenever pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+deps:
+	deploy/local/install-deps.sh
+
+stack-up: deps venv
+	$(STACK) up
+
+stack-down: venv
+	$(STACK) down
+
+stack-status: venv
+	$(STACK) status
+
+run: stack-up
+	@if test -f $(NAMESPACES); then $(VENV)/bin/wal namespaces apply -f $(NAMESPACES); fi
+	@echo "worker web: http://127.0.0.1:6066/wal/namespaces  metrics: http://127.0.0.1:6066/metrics"
+	@echo "logs: this terminal; stack logs: $(STACK) status"
+	exec $(VENV)/bin/wal worker
+
+# Stops the stack even when pytest fails, and exits with pytest's status.
+test: deps venv
+	$(STACK) up || { $(STACK) down; exit 1; }
+	status=0; $(VENV)/bin/pytest tests || status=$$?; $(STACK) down; exit $$status
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy $(CODE)
+
+bench: stack-up
+	$(PY) -m tests.bench
+
+clean:
+	-test -x $(PY) && $(STACK) down
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info
