@@ -5,9 +5,15 @@ target gets its share as one ``deliver()`` call, all targets concurrently.
 Outcomes steer what happens next:
 
 * delivered - done (a replay is delivered too: targets are idempotent);
-* retryable - tried again after a backoff, for that target only, so a
-  request with several targets is never re-applied where it succeeded;
+* retryable - re-emitted to a delay tier (``wal-delay-<tier>``) with the
+  next attempt number, due after the retry policy's backoff, *for that target
+  only* (``wal-target``), so a request with several targets is never
+  re-applied where it succeeded; when the policy is spent, the TTL passed or
+  the code is not retryable, dead-lettered instead;
 * permanent - dead-lettered with the code, message and target in headers.
+
+``lifecycle.enableDLQ: false`` (or a namespace's ``dlqConfig.enabled: false``)
+drops what would be dead-lettered: counted and logged, never silent.
 
 The batch's events are acked only once every item is delivered or durably
 dead-lettered: a crash replays the batch, and the targets' ledgers make the
@@ -19,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from app import topics
+from app import backoff, topics
 from app.errors import ConfigError
 from app.fleet import fleet, settings
 from app.models import Namespace, TargetDef, TargetRef, WriteRequest
@@ -47,7 +54,15 @@ class Item:
     key: bytes | None
     source: str
     namespace: Namespace | None = None
+    request: WriteRequest | None = None
     writes: dict[str, Write] = field(default_factory=dict)  # target identifier -> write
+
+    @property
+    def attempt(self) -> int:
+        try:
+            return max(1, int(self.headers.get(topics.ATTEMPT) or 1))
+        except ValueError:
+            return 1
 
 
 @dataclass(slots=True)
@@ -78,13 +93,15 @@ async def deliver(stream: Any) -> None:
     """Deliver every record on ``wal-deliver``; never raises (faust #175)."""
     async for events in stream.noack_take(settings.batch_size, settings.batch_within_ms / 1000):
         items = [_item(event) for event in events]
-        dead = [r for item in items if (r := _plan(item)) is not None]
-        dead += await _deliver_all(items)
-        if dead:
-            await topics.emit_until_durable(dead, what=f"{len(dead)} dead letters")
+        follow_ups = [r for item in items if (r := _plan(item)) is not None]
+        follow_ups += await _deliver_all(items)
+        if follow_ups:
+            await topics.emit_until_durable(
+                follow_ups, what=f"{len(follow_ups)} retries/dead letters"
+            )
         for event in events:
             await stream.ack(event)
-        fleet.log.debug("delivered batch of %d (%d dead-lettered)", len(events), len(dead))
+        fleet.log.debug("batch of %d: %d retried or dead-lettered", len(events), len(follow_ups))
 
 
 def _item(event: Any) -> Item:
@@ -110,6 +127,7 @@ def _plan(item: Item) -> Record | None:
             item, "NAMESPACE_NOT_FOUND", f"namespace '{request.namespace}' was deleted"
         )
     item.namespace = namespace
+    item.request = request
     message_id = item.headers.get(topics.MESSAGE_ID) or request.message_id
     if not message_id:
         return _dead_letter(item, "VALIDATION_ERROR", "record has no wal-message-id header")
@@ -155,54 +173,83 @@ async def _deliver_all(items: list[Item]) -> list[Record]:
 
 
 async def _deliver_group(namespace_name: str, identifier: str, members: list[Item]) -> list[Record]:
-    """One target's share of a batch; retryable failures are retried until they resolve."""
+    """One target's share of a batch; returns the retries and dead letters it leaves."""
     namespace = members[0].namespace
     assert namespace is not None
     definition = namespace.target(identifier) or JOURNAL
     try:
         target = await target_for(namespace_name, definition)
     except ConfigError as exc:
-        return [_dead_letter(m, "TARGET_REJECTED", exc.message, identifier) for m in members]
-    pending = members
-    dead: list[Record] = []
-    backoff = 0.2
-    while pending:
-        outcomes = await target.deliver([m.writes[identifier] for m in pending])
-        retry: list[Item] = []
-        for member, outcome in zip(pending, outcomes, strict=True):
-            if outcome.status == "permanent":
-                dead.append(
-                    _dead_letter(
-                        member, outcome.code or "TARGET_REJECTED", outcome.message, identifier
-                    )
-                )
-            elif outcome.status == "retryable":
-                retry.append(member)
-        if retry:
-            wait = max(backoff, _hint(outcomes))
-            fleet.log.warning(
-                "target %s/%s: %d writes failed (%s); retrying in %.1fs",
-                namespace_name,
-                identifier,
-                len(retry),
-                _first_failure(outcomes),
-                wait,
-            )
-            await asyncio.sleep(wait)
-            backoff = min(backoff * 2, 10.0)
-        pending = retry
-    return dead
+        return _drop_none(
+            _dead_letter(m, "TARGET_REJECTED", exc.message, identifier) for m in members
+        )
+    outcomes = await target.deliver([m.writes[identifier] for m in members])
+    failed = [(m, o) for m, o in zip(members, outcomes, strict=True) if not o.ok]
+    if failed:
+        fleet.log.warning(
+            "target %s/%s: %d of %d writes failed (first: %s: %s)",
+            namespace_name,
+            identifier,
+            len(failed),
+            len(members),
+            failed[0][1].code,
+            failed[0][1].message,
+        )
+    return _drop_none(_after_failure(m, identifier, o) for m, o in failed)
 
 
-def _hint(outcomes: list[Outcome]) -> float:
-    return max((o.retry_after or 0.0 for o in outcomes), default=0.0)
+def _after_failure(item: Item, identifier: str, outcome: Outcome) -> Record | None:
+    """A failed write's next step: a retry in a delay tier, or a dead letter."""
+    assert item.namespace is not None and item.request is not None
+    policy = backoff.effective(item.namespace.retry_policy, item.request.lifecycle.retry_policy)
+    now = int(time.time() * 1000)
+    received = int(item.headers.get(topics.RECEIVED_AT) or now)
+    expires = received + 1000 * (item.request.lifecycle.ttl or item.namespace.message_ttl_seconds)
+    failure = f"{outcome.code}: {outcome.message}"
+    if outcome.status == "retryable" and backoff.should_retry(policy, item.attempt, outcome.code):
+        wait = backoff.delay_ms(policy, item.attempt, retry_after_s=outcome.retry_after)
+        if now + wait < expires:
+            return _retry(item, identifier, outcome, now, wait)
+        return _dead_letter(
+            item, "MESSAGE_EXPIRED", f"ttl passed before a retry; last {failure}", identifier
+        )
+    if outcome.status == "retryable" and item.attempt >= policy.max_attempts:
+        return _dead_letter(
+            item, "RETRIES_EXHAUSTED", f"{item.attempt} attempts failed; last {failure}", identifier
+        )
+    return _dead_letter(item, outcome.code or "TARGET_REJECTED", outcome.message, identifier)
 
 
-def _first_failure(outcomes: list[Outcome]) -> str:
-    return next((f"{o.code}: {o.message}" for o in outcomes if not o.ok), "")
+def _retry(item: Item, identifier: str, outcome: Outcome, now: int, wait: int) -> Record:
+    headers: dict[str, str | None] = dict(item.headers)
+    headers.update(
+        {
+            topics.ATTEMPT: str(item.attempt + 1),
+            topics.TARGET: identifier,
+            topics.DUE_AT: str(now + wait),
+            topics.ERROR_CODE: outcome.code,
+            topics.ERROR_MESSAGE: outcome.message[:1000],
+            topics.FIRST_FAILED_AT: item.headers.get(topics.FIRST_FAILED_AT) or str(now),
+            topics.LAST_FAILED_AT: str(now),
+        }
+    )
+    return Record(topics.delay_topic_for(wait), item.key, item.raw, headers)
 
 
-def _dead_letter(item: Item, code: str, message: str, target: str | None = None) -> Record:
+def _drop_none(records: Iterable[Record | None]) -> list[Record]:
+    return [r for r in records if r is not None]
+
+
+def _dead_letter(item: Item, code: str, message: str, target: str | None = None) -> Record | None:
+    """The dead letter for an item, or None when its DLQ is disabled (then logged, dropped)."""
+    if _dlq_disabled(item):
+        fleet.log.warning(
+            "dropped %s (DLQ disabled): %s: %s",
+            item.headers.get(topics.MESSAGE_ID) or item.source,
+            code,
+            message,
+        )
+        return None
     now = str(int(time.time() * 1000))
     headers: dict[str, str | None] = dict(item.headers)
     headers.update(
@@ -218,3 +265,9 @@ def _dead_letter(item: Item, code: str, message: str, target: str | None = None)
     key = item.headers.get(topics.ORIGINAL_KEY)
     dlq = (item.namespace.dlq_config.topic_name if item.namespace else None) or topics.NAMES["dlq"]
     return Record(dlq, key.encode() if key else None, item.raw, headers)
+
+
+def _dlq_disabled(item: Item) -> bool:
+    namespace_off = item.namespace is not None and not item.namespace.dlq_config.enabled
+    request_off = item.request is not None and not item.request.lifecycle.enable_dlq
+    return namespace_off or request_off
