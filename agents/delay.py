@@ -38,9 +38,7 @@ def forward(message: Any, now_ms: int) -> Record:
     due_ms = int(headers.get(topics.DUE_AT) or 0)
     remaining = due_ms - now_ms
     topic = (
-        topics.NAMES["deliver"]
-        if remaining <= DUE_SLACK_MS
-        else topics.delay_topic_for(remaining)
+        topics.NAMES["deliver"] if remaining <= DUE_SLACK_MS else topics.delay_topic_for(remaining)
     )
     return Record(topic, message.key, message.value, dict(headers))
 

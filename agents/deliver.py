@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from app import backoff, topics
+from app import backoff, metrics, topics
 from app.errors import ConfigError
 from app.fleet import fleet, settings
 from app.models import Namespace, TargetDef, TargetRef, WriteRequest
@@ -92,6 +92,7 @@ async def target_for(namespace: str, definition: TargetDef) -> Target:
 async def deliver(stream: Any) -> None:
     """Deliver every record on ``wal-deliver``; never raises (faust #175)."""
     async for events in stream.noack_take(settings.batch_size, settings.batch_within_ms / 1000):
+        metrics.BATCH_SIZE.labels("deliver").observe(len(events))
         items = [_item(event) for event in events]
         follow_ups = [r for item in items if (r := _plan(item)) is not None]
         follow_ups += await _deliver_all(items)
@@ -183,7 +184,9 @@ async def _deliver_group(namespace_name: str, identifier: str, members: list[Ite
         return _drop_none(
             _dead_letter(m, "TARGET_REJECTED", exc.message, identifier) for m in members
         )
-    outcomes = await target.deliver([m.writes[identifier] for m in members])
+    with metrics.DELIVERY_SECONDS.labels(namespace_name, identifier).time():
+        outcomes = await target.deliver([m.writes[identifier] for m in members])
+    _count_delivered(namespace_name, members, outcomes)
     failed = [(m, o) for m, o in zip(members, outcomes, strict=True) if not o.ok]
     if failed:
         fleet.log.warning(
@@ -209,6 +212,7 @@ def _after_failure(item: Item, identifier: str, outcome: Outcome) -> Record | No
     if outcome.status == "retryable" and backoff.should_retry(policy, item.attempt, outcome.code):
         wait = backoff.delay_ms(policy, item.attempt, retry_after_s=outcome.retry_after)
         if now + wait < expires:
+            metrics.MESSAGES.labels(item.namespace.name, "deliver", "retried").inc()
             return _retry(item, identifier, outcome, now, wait)
         return _dead_letter(
             item, "MESSAGE_EXPIRED", f"ttl passed before a retry; last {failure}", identifier
@@ -236,13 +240,29 @@ def _retry(item: Item, identifier: str, outcome: Outcome, now: int, wait: int) -
     return Record(topics.delay_topic_for(wait), item.key, item.raw, headers)
 
 
+def _count_delivered(namespace: str, members: list[Item], outcomes: list[Outcome]) -> None:
+    now = time.time()
+    delivered = 0
+    latency = metrics.END_TO_END_SECONDS.labels(namespace)
+    for member, outcome in zip(members, outcomes, strict=True):
+        if outcome.ok:
+            delivered += 1
+            received = member.headers.get(topics.RECEIVED_AT)
+            if received:
+                latency.observe(max(0.0, now - int(received) / 1000))
+    metrics.MESSAGES.labels(namespace, "deliver", "delivered").inc(delivered)
+
+
 def _drop_none(records: Iterable[Record | None]) -> list[Record]:
     return [r for r in records if r is not None]
 
 
 def _dead_letter(item: Item, code: str, message: str, target: str | None = None) -> Record | None:
     """The dead letter for an item, or None when its DLQ is disabled (then logged, dropped)."""
+    name = item.namespace.name if item.namespace else metrics.UNKNOWN
+    metrics.DEAD_LETTERS.labels(name, code).inc()
     if _dlq_disabled(item):
+        metrics.MESSAGES.labels(name, "deliver", "dropped").inc()
         fleet.log.warning(
             "dropped %s (DLQ disabled): %s: %s",
             item.headers.get(topics.MESSAGE_ID) or item.source,
@@ -250,6 +270,7 @@ def _dead_letter(item: Item, code: str, message: str, target: str | None = None)
             message,
         )
         return None
+    metrics.MESSAGES.labels(name, "deliver", "dead_lettered").inc()
     now = str(int(time.time() * 1000))
     headers: dict[str, str | None] = dict(item.headers)
     headers.update(

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from app import topics
+from app import metrics, topics
 from app.errors import Rejected
 from app.fleet import fleet, settings
 from app.models import Namespace, ShardStrategy, WriteRequest
@@ -237,6 +237,7 @@ def dead_letter(
 async def ingest(stream: Any) -> None:
     """Admit or dead-letter every ingest record; never raises (faust #175)."""
     async for events in stream.noack_take(settings.batch_size, settings.batch_within_ms / 1000):
+        metrics.BATCH_SIZE.labels("ingest").observe(len(events))
         records = [_route(event) for event in events]
         await topics.emit_until_durable(records, what=f"{len(records)} ingest records")
         for event in events:
@@ -257,14 +258,22 @@ def _route(event: Any) -> Record:
             sequence=message.offset,
         )
     except Rejected as rejected:
-        return dead_letter(
-            rejected, message.value, headers, source, message.key, _namespace_of(message.value)
-        )
+        namespace = _namespace_of(message.value)
+        _count_rejected(namespace, rejected.code)
+        return dead_letter(rejected, message.value, headers, source, message.key, namespace)
     except Exception as exc:  # a bug of ours must not stop the stream: dead-letter, loudly
         fleet.log.exception("ingest: unexpected error admitting %s", source)
         internal = Rejected(f"internal error: {type(exc).__name__}", code="INTERNAL_ERROR")
+        _count_rejected(None, internal.code)
         return dead_letter(internal, message.value, headers, source, message.key)
+    metrics.MESSAGES.labels(admitted.namespace.name, "ingest", "accepted").inc()
     return deliver_record(admitted, message.value, headers, source, message.key)
+
+
+def _count_rejected(namespace: Namespace | None, code: str) -> None:
+    name = namespace.name if namespace else metrics.UNKNOWN
+    metrics.MESSAGES.labels(name, "ingest", "rejected").inc()
+    metrics.DEAD_LETTERS.labels(name, code).inc()
 
 
 def _namespace_of(raw: bytes | None) -> Namespace | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import faust
 from aiokafka.helpers import create_ssl_context
+from faust.sensors.prometheus import setup_prometheus_sensors
 
 from app.settings import Settings
 
@@ -78,6 +79,7 @@ def create_app(s: Settings) -> faust.App:
 
 
 fleet = create_app(settings)
+setup_prometheus_sensors(fleet, pattern="/metrics", name_prefix="faust")
 
 #: What a worker runs: every module of these packages, and the views.
 ROLE_PACKAGES = ("agents", "tables")

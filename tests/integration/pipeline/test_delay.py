@@ -13,7 +13,12 @@ pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
 async def test_delayed_requests_arrive_when_due(fleet: Fleet) -> None:
     table = f"d_{fleet.prefix}"
-    fleet.apply({"name": "later", "targets": [{"identifier": "pg", "type": "sql", "config": {"table": table}}]})
+    fleet.apply(
+        {
+            "name": "later",
+            "targets": [{"identifier": "pg", "type": "sql", "config": {"table": table}}],
+        }
+    )
     await fleet.worker().ready()
     sent_ms = int(time.time() * 1000)
     await produce(
@@ -27,7 +32,9 @@ async def test_delayed_requests_arrive_when_due(fleet: Fleet) -> None:
 
     async def rows() -> list[tuple[int, int]] | None:
         try:
-            found = pg_query(f'SELECT (payload->>\'n\')::int, delivered_at_ms FROM "{table}" ORDER BY 1')
+            found = pg_query(
+                f"SELECT (payload->>'n')::int, delivered_at_ms FROM \"{table}\" ORDER BY 1"
+            )
         except Exception:
             return None
         return found if len(found) == 3 else None

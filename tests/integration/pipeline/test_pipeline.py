@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import httpx
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.harness import (
     Fleet,
@@ -88,6 +90,13 @@ async def test_every_valid_request_lands_once_and_every_bad_one_is_dead_lettered
     )
     assert lag == {fleet.topic("ingest"): 0, fleet.topic("deliver"): 0}
 
+    # The worker's own counts agree with what the database and the DLQ hold.
+    counts = await scrape(worker.url)
+    assert counts[("orders", "ingest", "accepted")] == len(valid_seqs)
+    assert counts[("orders", "deliver", "delivered")] == len(valid_seqs)
+    rejected = sum(v for (ns, stage, outcome), v in counts.items() if outcome == "rejected")
+    assert rejected == bad
+
 
 async def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(fleet: Fleet) -> None:
     """Rows mode *inserts* into a table without a unique key: only the ledger prevents doubles."""
@@ -126,6 +135,19 @@ async def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(fleet:
     )[0]
     assert (count, distinct, low, high) == (total, total, 0, total - 1)
     print(f"killed at {killed_at} rows; after restart {count} rows, {distinct} distinct")
+
+
+async def scrape(url: str) -> dict[tuple[str, str, str], float]:
+    """``wal_messages_total`` from a worker's /metrics, by (namespace, stage, outcome)."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{url}/metrics")).text
+    out: dict[tuple[str, str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "wal_messages_total":
+                labels = sample.labels
+                out[(labels["namespace"], labels["stage"], labels["outcome"])] = sample.value
+    return out
 
 
 async def _at_least(table: str, n: int) -> bool:

@@ -1,0 +1,52 @@
+"""Prometheus metrics of a worker, served at ``/metrics`` with Faust's own sensors.
+
+Label sets are bounded: ``namespace`` is a configured namespace name (or
+``(unknown)`` for requests naming none that exists), ``target`` a configured
+target identifier, ``code`` one of :data:`app.errors.CODES`, ``stage`` and
+``outcome`` the fixed words below.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+UNKNOWN = "(unknown)"
+
+#: stage: ingest | deliver; outcome: accepted | rejected | delivered | retried |
+#: dead_lettered | dropped
+MESSAGES = Counter(
+    "wal_messages",
+    "Messages by namespace, pipeline stage and outcome.",
+    ["namespace", "stage", "outcome"],
+)
+DEAD_LETTERS = Counter(
+    "wal_dead_letters", "Dead letters by namespace and error code.", ["namespace", "code"]
+)
+DELIVERY_SECONDS = Histogram(
+    "wal_delivery_seconds",
+    "Time of one target.deliver() call (a batch).",
+    ["namespace", "target"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+END_TO_END_SECONDS = Histogram(
+    "wal_end_to_end_seconds",
+    "From ingest to delivered at the target, per namespace.",
+    ["namespace"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+BATCH_SIZE = Histogram(
+    "wal_batch_size",
+    "Events per batch taken by an agent.",
+    ["agent"],
+    buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 5000),
+)
+CIRCUIT_STATE = Gauge(
+    "wal_circuit_state",
+    "Circuit breaker per target: 0 closed, 1 half-open, 2 open.",
+    ["namespace", "target"],
+)
+CONSUMER_LAG = Gauge(
+    "wal_consumer_lag",
+    "Records not yet processed, per assigned partition.",
+    ["topic", "partition"],
+)
