@@ -39,6 +39,7 @@ from app.topics import Record, deliver_topic
 from tables.namespaces import lookup
 from targets import create as create_target
 from targets.base import Outcome, Target, Write
+from targets.circuit import guard
 
 #: The target a namespace without targets delivers to: the default database's journal.
 JOURNAL = TargetDef(identifier="journal", type="sql", config={})
@@ -81,6 +82,7 @@ async def target_for(namespace: str, definition: TargetDef) -> Target:
     if slot is not None and slot.fingerprint == fingerprint:
         return slot.target
     target = create_target(definition.type, definition.identifier, definition.config, settings)
+    target = guard(namespace, target)  # a circuit breaker per (namespace, target)
     await target.open()
     _targets[(namespace, definition.identifier)] = _Open(fingerprint, target)
     if slot is not None:

@@ -4,29 +4,34 @@ Two modes (``config.mode``):
 
 ``journal`` (default)
     Each write becomes one row of ``config.table`` (default ``wal_messages``):
-    message id, namespace, the payload as JSON, receive time. The message id
-    is the primary key, so a replay inserts nothing.
+    message id, namespace, the payload as JSON, receive time. (namespace,
+    message id) is the primary key, so a replay inserts nothing.
 
 ``rows``
     The payload *is* the row: ``insert``, ``upsert``, ``update`` or ``delete``
     on ``config.table`` (the operation comes from the message, else
     ``config.operation``, else ``upsert``). ``config.keyColumns`` names the key;
     ``config.columns`` maps column names to dotted paths in the payload
-    (default: the payload's own keys). Applied ids are recorded in a ledger
-    table (``config.ledgerTable``, default ``wal_ledger``) in the same
-    transaction, so a replay changes nothing.
+    (default: the payload's own keys). A mapped path the payload lacks leaves
+    its column out (an upsert or update keeps the stored value), it does not
+    write NULL. Applied ids are recorded in a ledger table
+    (``config.ledgerTable``, default ``wal_ledger``, keyed by namespace, target
+    and id) in the same transaction, so a replay changes nothing.
 
 A batch is one transaction and as few round trips as the database allows
-(multi-row statements). When it fails on the data, each item is tried in a
-transaction of its own, so a poison row fails alone.
+(multi-row statements). Items that can never apply (unknown column, missing
+key, unknown operation) are refused before the database sees them. When the
+database refuses the batch for its data, each item is tried in a transaction
+of its own, so a poison row fails alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -37,6 +42,20 @@ from app.errors import ConfigError
 from targets.base import DELIVERED, Outcome, Target, Write, permanent, retryable
 
 _OPERATIONS = {"insert", "upsert", "update", "delete"}
+_MISSING = object()
+
+
+class _Invalid(Exception):
+    """An item that can never apply, found before the database is asked."""
+
+
+class _Plan(NamedTuple):
+    """One item ready to apply: its position in the batch, operation and row."""
+
+    position: int
+    write: Write
+    operation: str
+    row: dict[str, Any]
 
 
 class SqlTarget(Target):
@@ -50,23 +69,27 @@ class SqlTarget(Target):
         if self.mode not in ("journal", "rows"):
             raise ConfigError(f"sql target {self.name}: mode must be 'journal' or 'rows'")
         try:
+            self._password = sa.engine.make_url(url).password
             self._engine = create_async_engine(url, pool_pre_ping=True, pool_size=4)
-        except (sa_exc.ArgumentError, ImportError) as exc:
-            raise ConfigError(f"sql target {self.name}: unusable url ({type(exc).__name__})") from None
+        except (sa_exc.ArgumentError, ImportError, ValueError) as exc:
+            kind = type(exc).__name__
+            raise ConfigError(f"sql target {self.name}: unusable url ({kind})") from None
         if self._engine.dialect.name == "sqlite":
             sa.event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
         self._metadata = sa.MetaData()
-        self._ledger = _ledger_table(self._metadata, self.config.get("ledgerTable", "wal_ledger"))
         if self.mode == "journal":
             self._table = _journal_table(self._metadata, self.config.get("table", "wal_messages"))
         else:
             self._rows = _RowsSpec.from_config(self.name, self.config)
+            ledger = self.config.get("ledgerTable", "wal_ledger")
+            self._ledger = _ledger_table(self._metadata, ledger)
         self._ready = False
         self._ready_lock = asyncio.Lock()
 
     async def close(self) -> None:
         if self._engine is not None:
-            await self._engine.dispose()
+            with contextlib.suppress(Exception):  # close never raises
+                await self._engine.dispose()
 
     @property
     def engine(self) -> AsyncEngine:
@@ -74,25 +97,50 @@ class SqlTarget(Target):
         return self._engine
 
     async def deliver(self, batch: Sequence[Write]) -> list[Outcome]:
+        if not batch:
+            return []
         try:
             await self._prepare()
-            async with self.engine.begin() as conn:
-                await self._apply(conn, batch)
-            return [DELIVERED] * len(batch)
-        except (sa_exc.IntegrityError, sa_exc.DataError, sa_exc.ProgrammingError):
-            if len(batch) == 1:
-                return [await self._deliver_one(batch[0])]
-            return [await self._deliver_one(item) for item in batch]
-        except Exception as exc:
-            return [_classify(exc)] * len(batch)
+        except Exception as exc:  # nothing can apply before the tables are there
+            outcome = self._classify(exc)
+            return [retryable(outcome.code or "TARGET_ERROR", outcome.message)] * len(batch)
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        first: dict[tuple[str, str], int] = {}  # the first item of each id; copies are replays
+        plans: list[_Plan] = []
+        for i, item in enumerate(batch):
+            if (item.namespace, item.id) in first:
+                continue
+            first[(item.namespace, item.id)] = i
+            try:
+                plans.append(self._plan(i, item))
+            except _Invalid as exc:
+                outcomes[i] = permanent("TARGET_REJECTED", str(exc)[:300])
+        for plan, outcome in zip(plans, await self._apply_batch(plans), strict=True):
+            outcomes[plan.position] = outcome
+        return [
+            o or outcomes[first[(item.namespace, item.id)]] or DELIVERED
+            for item, o in zip(batch, outcomes, strict=True)
+        ]
 
-    async def _deliver_one(self, item: Write) -> Outcome:
+    async def _apply_batch(self, plans: list[_Plan]) -> list[Outcome]:
+        """Apply in one transaction; on a data error, each item in a transaction of its own."""
+        if not plans:
+            return []
         try:
             async with self.engine.begin() as conn:
-                await self._apply(conn, [item])
-            return DELIVERED
+                await self._apply(conn, plans)
+            return [DELIVERED] * len(plans)
         except Exception as exc:
-            return _classify(exc)
+            outcome = self._classify(exc)
+            if outcome.status != "permanent" or len(plans) == 1:
+                return [outcome] * len(plans)
+        return [(await self._apply_batch([plan]))[0] for plan in plans]
+
+    def _plan(self, index: int, item: Write) -> _Plan:
+        if self.mode == "journal":
+            return _Plan(index, item, "journal", {})
+        operation, row = self._rows.plan(item)
+        return _Plan(index, item, operation, row)
 
     async def _prepare(self) -> None:
         """Create the journal or ledger table on first use (not in open: the DB may be down)."""
@@ -106,45 +154,56 @@ class SqlTarget(Target):
                         self._rows.table = await conn.run_sync(self._rows.reflect)
                 self._ready = True
 
-    async def _apply(self, conn: AsyncConnection, batch: Sequence[Write]) -> None:
+    async def _apply(self, conn: AsyncConnection, plans: list[_Plan]) -> None:
         if self.mode == "journal":
-            await self._apply_journal(conn, batch)
+            await self._apply_journal(conn, plans)
         else:
-            await self._apply_rows(conn, batch)
+            await self._apply_rows(conn, plans)
 
-    async def _apply_journal(self, conn: AsyncConnection, batch: Sequence[Write]) -> None:
+    async def _apply_journal(self, conn: AsyncConnection, plans: list[_Plan]) -> None:
         now_ms = int(time.time() * 1000)
         rows = [
             {
-                "message_id": w.id,
-                "namespace": w.namespace,
-                "payload": dict(w.payload),
-                "received_at_ms": w.received_at_ms,
+                "namespace": p.write.namespace,
+                "message_id": p.write.id,
+                "payload": dict(p.write.payload),
+                "received_at_ms": p.write.received_at_ms,
                 "delivered_at_ms": now_ms,
             }
-            for w in batch
+            for p in plans
         ]
-        stmt = _insert(conn, self._table).on_conflict_do_nothing(index_elements=["message_id"])
+        stmt = _insert(conn, self._table).on_conflict_do_nothing(
+            index_elements=["namespace", "message_id"]
+        )
         await conn.execute(stmt, rows)
 
-    async def _apply_rows(self, conn: AsyncConnection, batch: Sequence[Write]) -> None:
-        fresh = await self._claim(conn, batch)
-        spec = self._rows
-        for operation, items in _runs((w for w in batch if w.id in fresh), spec.operation):
-            rows = [spec.row(w) for w in items]
-            await spec.execute(conn, operation, rows)
+    async def _apply_rows(self, conn: AsyncConnection, plans: list[_Plan]) -> None:
+        fresh = await self._claim(conn, plans)
+        todo = [p for p in plans if (p.write.namespace, p.write.id) in fresh]
+        for operation, run in _runs(todo):
+            await self._rows.execute(conn, operation, [p.row for p in run])
 
-    async def _claim(self, conn: AsyncConnection, batch: Sequence[Write]) -> set[str]:
-        """Record the batch's ids in the ledger; return the ids not applied before."""
-        ids = list(dict.fromkeys(w.id for w in batch))
+    async def _claim(self, conn: AsyncConnection, plans: list[_Plan]) -> set[tuple[str, str]]:
+        """Record the plans' ids in the ledger; return the (namespace, id) not applied before."""
+        ledger = self._ledger
         stmt = (
-            _insert(conn, self._ledger)
-            .values([{"target": self.name, "id": i} for i in ids])
-            .on_conflict_do_nothing(index_elements=["target", "id"])
-            .returning(self._ledger.c.id)
+            _insert(conn, ledger)
+            .on_conflict_do_nothing(index_elements=["namespace", "target", "id"])
+            .returning(ledger.c.namespace, ledger.c.id)
         )
-        result = await conn.execute(stmt)
-        return set(result.scalars())
+        # executemany + RETURNING: SQLAlchemy's "insertmanyvalues" sends one multi-row
+        # INSERT from a cached compilation.
+        params = [{"namespace": p.write.namespace, "target": self.name, "id": p.write.id}
+                  for p in plans]
+        result = await conn.execute(stmt, params)
+        return {(ns, i) for ns, i in result}
+
+    def _classify(self, exc: BaseException) -> Outcome:
+        outcome = _classify(exc)
+        if self._password and self._password in outcome.message:
+            message = outcome.message.replace(self._password, "***")
+            return Outcome(outcome.status, outcome.code, message, outcome.retry_after)
+        return outcome
 
 
 class _RowsSpec:
@@ -175,25 +234,44 @@ class _RowsSpec:
     def reflect(self, sync_conn: sa.Connection) -> sa.Table:
         return sa.Table(self.table_name, sa.MetaData(), autoload_with=sync_conn)
 
-    def operation(self, item: Write) -> str:
-        op = (item.operation or item.options.get("operation") or self.default_operation).lower()
+    def plan(self, item: Write) -> tuple[str, dict[str, Any]]:
+        """The item's operation and row; :class:`_Invalid` if it can never apply."""
+        assert self.table is not None
+        op = str(item.operation or item.options.get("operation") or self.default_operation).lower()
         if op not in _OPERATIONS:
-            raise sa_exc.DataError(f"unknown operation {op!r}", None, ValueError(op))
-        return op
+            raise _Invalid(f"unknown operation {op!r}")
+        if self.columns:
+            row = {c: v for c, path in self.columns.items()
+                   if (v := _at_path(item.payload, path)) is not _MISSING}
+        else:
+            row = dict(item.payload)
+        unknown = sorted(set(row) - set(self.table.c.keys()))
+        if unknown:
+            raise _Invalid(f"table {self.table_name} has no column {', '.join(unknown)}")
+        if op != "insert":
+            if not self.keys:
+                raise _Invalid(f"'{op}' needs keyColumns")
+            missing = [k for k in self.keys if row.get(k) is None]
+            if missing:
+                raise _Invalid(f"no value for key column {', '.join(missing)}")
+        if op == "delete":
+            row = {k: row[k] for k in self.keys}
+        elif op == "update" and set(row) <= set(self.keys):
+            raise _Invalid("update has no column to set")
+        elif not row:
+            raise _Invalid("no column to write")
+        return op, row
 
-    def row(self, item: Write) -> dict[str, Any]:
-        if not self.columns:
-            return dict(item.payload)
-        return {col: _at_path(item.payload, path) for col, path in self.columns.items()}
-
-    async def execute(self, conn: AsyncConnection, operation: str, rows: list[dict[str, Any]]) -> None:
+    async def execute(
+        self, conn: AsyncConnection, operation: str, rows: list[dict[str, Any]]
+    ) -> None:
         table = self.table
         assert table is not None
         if operation == "insert":
-            await conn.execute(_insert(conn, table), rows)
-        elif operation == "upsert":
-            rows = list({tuple(r.get(k) for k in self.keys): r for r in rows}.values())
             for shape in _by_columns(rows):
+                await conn.execute(_insert(conn, table), shape)
+        elif operation == "upsert":
+            for shape in _by_columns(self._merged(rows)):
                 stmt = _insert(conn, table)
                 updates = {c: stmt.excluded[c] for c in shape[0] if c not in self.keys}
                 stmt = (
@@ -203,20 +281,27 @@ class _RowsSpec:
                 )
                 await conn.execute(stmt, shape)
         elif operation == "update":
-            for shape in _by_columns(rows):
-                where = sa.and_(*(table.c[k] == sa.bindparam(f"k_{k}") for k in self.keys))
-                values = {c: sa.bindparam(f"v_{c}") for c in shape[0] if c not in self.keys}
-                params = [
-                    {**{f"k_{k}": r[k] for k in self.keys},
-                     **{f"v_{c}": r[c] for c in r if c not in self.keys}}
-                    for r in shape
-                ]
+            where = sa.and_(*(table.c[k] == sa.bindparam(f"k_{k}") for k in self.keys))
+            for shape in _by_columns(self._merged(rows)):
+                columns = [c for c in shape[0] if c not in self.keys]
+                values: dict[str, Any] = {c: sa.bindparam(f"v_{c}") for c in columns}
+                params = [{f"{'k' if c in self.keys else 'v'}_{c}": v for c, v in r.items()}
+                          for r in shape]
                 await conn.execute(table.update().where(where).values(values), params)
         else:
             where = sa.and_(*(table.c[k] == sa.bindparam(f"k_{k}") for k in self.keys))
-            await conn.execute(
-                table.delete().where(where), [{f"k_{k}": r.get(k) for k in self.keys} for r in rows]
-            )
+            params = [{f"k_{k}": r[k] for k in self.keys} for r in rows]
+            await conn.execute(table.delete().where(where), params)
+
+    def _merged(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One row per key, later values over earlier ones: the same effect as applying
+        them in order, and what one multi-row statement can do (PostgreSQL refuses to
+        touch a row twice in one ON CONFLICT statement)."""
+        merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for row in rows:
+            key = tuple(row[k] for k in self.keys)
+            merged[key] = {**merged.get(key, {}), **row}
+        return list(merged.values())
 
 
 def _journal_table(metadata: sa.MetaData, name: str) -> sa.Table:
@@ -224,8 +309,8 @@ def _journal_table(metadata: sa.MetaData, name: str) -> sa.Table:
     return sa.Table(
         name,
         metadata,
-        sa.Column("message_id", sa.String(200), primary_key=True),
-        sa.Column("namespace", sa.String(100), nullable=False, index=True),
+        sa.Column("namespace", sa.String(100), primary_key=True),
+        sa.Column("message_id", sa.String(300), primary_key=True),
         sa.Column("payload", payload_type, nullable=False),
         sa.Column("received_at_ms", sa.BigInteger, nullable=False),
         sa.Column("delivered_at_ms", sa.BigInteger, nullable=False),
@@ -236,6 +321,7 @@ def _ledger_table(metadata: sa.MetaData, name: str) -> sa.Table:
     return sa.Table(
         name,
         metadata,
+        sa.Column("namespace", sa.String(100), primary_key=True),
         sa.Column("target", sa.String(100), primary_key=True),
         sa.Column("id", sa.String(300), primary_key=True),
         sa.Column("applied_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
@@ -247,15 +333,14 @@ def _insert(conn: AsyncConnection, table: sa.Table) -> Any:
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
-def _runs(items: Any, operation_of: Any) -> list[tuple[str, list[Write]]]:
-    """Split items into consecutive runs of one operation, keeping their order."""
-    runs: list[tuple[str, list[Write]]] = []
-    for item in items:
-        op = operation_of(item)
-        if runs and runs[-1][0] == op:
-            runs[-1][1].append(item)
+def _runs(plans: list[_Plan]) -> list[tuple[str, list[_Plan]]]:
+    """Split plans into consecutive runs of one operation, keeping their order."""
+    runs: list[tuple[str, list[_Plan]]] = []
+    for plan in plans:
+        if runs and runs[-1][0] == plan.operation:
+            runs[-1][1].append(plan)
         else:
-            runs.append((op, [item]))
+            runs.append((plan.operation, [plan]))
     return runs
 
 
@@ -270,7 +355,9 @@ def _by_columns(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 def _at_path(payload: Mapping[str, Any], path: str) -> Any:
     value: Any = payload
     for part in path.removeprefix("payload.").split("."):
-        value = value.get(part) if isinstance(value, Mapping) else None
+        if not isinstance(value, Mapping) or part not in value:
+            return _MISSING
+        value = value[part]
     return value
 
 
@@ -287,21 +374,40 @@ def _classify(exc: BaseException) -> Outcome:
     if isinstance(exc, asyncio.CancelledError):
         raise exc
     name = type(getattr(exc, "orig", None) or exc).__name__
-    if isinstance(exc, (sa_exc.IntegrityError, sa_exc.DataError)):
-        return permanent("TARGET_REJECTED", f"{name}: {_first_line(exc)}")
-    if isinstance(exc, sa_exc.ProgrammingError) and not _is_transient(exc):
-        return permanent("TARGET_REJECTED", f"{name}: {_first_line(exc)}")
+    message = f"{name}: {_first_line(exc)}"
+    if isinstance(exc, sa_exc.DBAPIError) and _is_transient(exc):
+        return retryable("TARGET_UNAVAILABLE", message)
+    if isinstance(exc, (sa_exc.IntegrityError, sa_exc.DataError, sa_exc.ProgrammingError)):
+        return permanent("TARGET_REJECTED", message)
+    sqlite_refusal = _is_sqlite(exc) and not _is_sqlite_transient(exc)
+    if isinstance(exc, sa_exc.OperationalError) and sqlite_refusal:
+        return permanent("TARGET_REJECTED", message)
     if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, OSError, TimeoutError)):
-        return retryable("TARGET_UNAVAILABLE", f"{name}: {_first_line(exc)}")
+        return retryable("TARGET_UNAVAILABLE", message)
     if isinstance(exc, sa_exc.DBAPIError):
-        return retryable("TARGET_ERROR", f"{name}: {_first_line(exc)}")
+        return retryable("TARGET_ERROR", message)
+    if isinstance(exc, (sa_exc.StatementError, sa_exc.CompileError)):
+        # Raised before the database saw the statement: a value no column type takes.
+        return permanent("TARGET_REJECTED", message)
     return retryable("TARGET_ERROR", name)
 
 
 def _is_transient(exc: sa_exc.DBAPIError) -> bool:
-    # "relation does not exist" while a table is being created is the one
-    # programming error worth retrying.
-    return "does not exist" in str(exc.orig) and "relation" in str(exc.orig)
+    # A table missing while it is being created (PostgreSQL undefined_table,
+    # SQLite "no such table") is the one schema error worth retrying.
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return sqlstate == "42P01" or "no such table" in str(exc.orig)
+
+
+def _is_sqlite(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", None)
+    return type(orig).__module__.startswith(("sqlite3", "aiosqlite"))
+
+
+def _is_sqlite_transient(exc: BaseException) -> bool:
+    # SQLite reports schema and SQL errors as OperationalError too; only these pass.
+    text = str(getattr(exc, "orig", exc)).lower()
+    return any(s in text for s in ("locked", "busy", "unable to open", "disk i/o", "readonly"))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,185 @@
+"""HTTP target: one request per write to a webhook the namespace configures (httpx).
+
+Config: ``url`` (required, http/https, no credentials in it; its host must be in
+``allowedHosts`` when that list is given), ``method`` (POST, PUT, PATCH or
+DELETE), ``headers`` (values may be ``${ENV}`` references; never logged or put
+in messages), ``timeoutMs`` (10000), ``concurrency`` (16 requests in flight).
+
+The URL comes from the config only: nothing in a message can choose where a
+request goes. Each request carries the payload as JSON, ``Idempotency-Key:
+<Write.id>`` (HTTP cannot be effectively-once on its own; the receiver dedupes
+by that key) and the write's ``traceparent``. Redirects are not followed: they
+could lead off the allowed hosts.
+
+Status codes: 2xx delivered; 408, 425, 429, 5xx retryable (``Retry-After`` in
+seconds or as an HTTP date becomes ``retry_after``); other codes permanent.
+
+httpx logs every request's URL at INFO; webhook URLs often carry a secret in
+their path or query (Slack-style hooks), so opening a target raises the
+``httpx`` logger to WARNING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+
+from app.errors import ConfigError
+from targets.base import DELIVERED, Outcome, Target, Write, permanent, retryable
+
+__all__ = ["HttpTarget"]
+
+_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+_PASSTHROUGH = ("traceparent", "tracestate")
+
+
+class HttpTarget(Target):
+    kind = "http"
+
+    _client: httpx.AsyncClient | None = None
+
+    async def open(self) -> None:
+        self.url = _checked_url(self.name, self.config)
+        self.method = str(self.config.get("method", "POST")).upper()
+        if self.method not in _METHODS:
+            raise ConfigError(f"http target {self.name}: method must be one of {sorted(_METHODS)}")
+        headers = self.config.get("headers") or {}
+        if not isinstance(headers, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise ConfigError(f"http target {self.name}: headers must map names to strings")
+        # Values, and their long parts (the token of "Bearer <token>"), kept out of messages.
+        parts = {s for v in headers.values() for s in (v, *v.split()) if len(s) >= 8}
+        self._secrets = sorted(parts, key=len, reverse=True)
+        concurrency = _positive_int(self.name, self.config, "concurrency", 16)
+        timeout = _positive_int(self.name, self.config, "timeoutMs", 10_000) / 1000
+        self._gate = asyncio.Semaphore(concurrency)
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
+        self._client = httpx.AsyncClient(
+            headers=dict(headers),
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            follow_redirects=False,
+            trust_env=False,  # settings are the only reader of the environment
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):  # close never raises
+                await self._client.aclose()
+
+    async def deliver(self, batch: Sequence[Write]) -> list[Outcome]:
+        return list(await asyncio.gather(*(self._send(item) for item in batch)))
+
+    async def _send(self, item: Write) -> Outcome:
+        assert self._client is not None, "open() first"
+        headers = {
+            "Content-Type": "application/json",
+            "Idempotency-Key": item.id,
+            **{h: v for h in _PASSTHROUGH if (v := item.headers.get(h))},
+        }
+        async with self._gate:
+            try:
+                response = await self._client.request(
+                    self.method, self.url, content=orjson.dumps(dict(item.payload)), headers=headers
+                )
+            except httpx.HTTPError as exc:
+                return self._scrub(classify_error(exc))
+            except TypeError as exc:  # orjson.JSONEncodeError
+                return permanent("TARGET_REJECTED", f"payload is not JSON: {exc}"[:300])
+            except Exception as exc:
+                return retryable("TARGET_ERROR", f"unexpected {type(exc).__name__}")
+        return self._scrub(classify_response(
+            response.status_code, response.reason_phrase, response.headers.get("Retry-After")
+        ))
+
+    def _scrub(self, outcome: Outcome) -> Outcome:
+        message = outcome.message
+        if not message:
+            return outcome
+        for secret in self._secrets:
+            message = message.replace(secret, "***")
+        return Outcome(outcome.status, outcome.code, message, outcome.retry_after)
+
+
+def classify_response(
+    status: int, reason: str = "", retry_after: str | None = None, now: float | None = None
+) -> Outcome:
+    """The outcome of an HTTP status (``now``: epoch seconds, for HTTP-date hints)."""
+    message = f"HTTP {status} {reason}".strip()
+    if 200 <= status < 300:
+        return DELIVERED
+    hint = parse_retry_after(retry_after, now)
+    if status == 429:
+        return retryable("TARGET_THROTTLED", message, hint)
+    if status == 408:
+        return retryable("TARGET_UNAVAILABLE", message, hint)
+    if status == 425 or status >= 500:
+        return retryable("TARGET_ERROR", message, hint)
+    if 300 <= status < 400:
+        return permanent("TARGET_REJECTED", f"{message} (redirects are not followed)")
+    return permanent("TARGET_REJECTED", message)
+
+
+def classify_error(exc: httpx.HTTPError) -> Outcome:
+    """The outcome of a request that got no response; never mentions the URL."""
+    name = type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        return retryable("TARGET_UNAVAILABLE", f"timeout ({name})")
+    if isinstance(exc, (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError)):
+        detail = str(exc).strip().splitlines()
+        return retryable("TARGET_UNAVAILABLE", f"{name}: {detail[0][:200]}" if detail else name)
+    return retryable("TARGET_ERROR", name)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds from ``now``: delta-seconds or an HTTP date; None if unusable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        if value.isascii() and value.isdigit():
+            return float(value)
+        return _date_hint(value, now)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _date_hint(value: str, now: float | None) -> float:
+    when = email.utils.parsedate_to_datetime(value)
+    if when.tzinfo is None:
+        raise ValueError("Retry-After date without a zone")
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _checked_url(name: str, config: Mapping[str, Any]) -> str:
+    url = config.get("url")
+    if not isinstance(url, str) or not url:
+        raise ConfigError(f"http target {name}: needs a url")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"http target {name}: url must be http(s)://host/...")
+    if parts.username or parts.password:
+        raise ConfigError(f"http target {name}: no credentials in the url; use headers")
+    allowed = config.get("allowedHosts")
+    if allowed is not None:
+        hosts = {str(h).lower() for h in allowed}
+        if parts.hostname.lower() not in hosts and parts.netloc.lower() not in hosts:
+            raise ConfigError(f"http target {name}: host {parts.hostname} is not in allowedHosts")
+    return url
+
+
+def _positive_int(name: str, config: Mapping[str, Any], key: str, default: int) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"http target {name}: {key} must be a positive integer")
+    return value

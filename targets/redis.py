@@ -1,0 +1,263 @@
+"""Redis target: SET / DEL / HSET / HDEL / INCRBY / EXPIRE, a batch per round trip (redis-py).
+
+Config: ``url`` (default ``settings.redis_url``), ``keyPrefix`` (""), ``ttlSeconds``
+(none), ``operation`` ("set"), ``keyPath`` ("key": dotted path in the payload
+to the key), ``valuePath`` ("value"; the whole payload when the path is
+missing), ``dedupeTtlSeconds`` (7 days), ``timeoutMs`` (5000, connect and
+socket). A write's operation is ``Write.operation``, else its ``operation``
+option, else the config's; its ``keyPrefix``/``ttlSeconds`` options override
+the config's.
+
+What each operation takes from the value (at ``valuePath``):
+
+* ``set``     any value; a string is stored as is, anything else as JSON; TTL applies.
+* ``del``     nothing.
+* ``hset``    a non-empty object of field -> value (encoded like ``set``); TTL applies.
+* ``hdel``    a field name or a list of them.
+* ``incrby``  an integer; TTL applies.
+* ``expire``  an integer number of seconds at ``valuePath``, else the TTL.
+
+Effectively-once: each write runs as one Lua script (EVALSHA) that returns at
+once if the marker ``wal:applied:<namespace>:<target>:<Write.id>`` exists, else
+applies the operation and sets the marker (``dedupeTtlSeconds``) - one atomic
+step, so a replayed INCRBY counts once. The batch's scripts go in one pipeline
+without MULTI: one round trip, and one item's error (WRONGTYPE) fails that
+item alone. A pipeline that broke mid-way is safe to send again for the same
+reason. The script is loaded on first NOSCRIPT (a new or restarted server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import redis.asyncio as aioredis
+from redis import exceptions as rx
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from app.errors import ConfigError
+from targets.base import DELIVERED, Outcome, Target, Write, permanent, retryable
+
+__all__ = ["RedisTarget"]
+
+_OPERATIONS = {"set", "del", "hset", "hdel", "incrby", "expire"}
+_WITH_TTL = {"set", "hset", "incrby"}
+_MISSING = object()
+
+# KEYS: marker, key. ARGV: marker TTL, operation, TTL ('' for none), operation arguments...
+_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local op, ttl = ARGV[2], ARGV[3]
+local r
+if op == 'set' then
+  if ttl ~= '' then r = redis.pcall('SET', KEYS[2], ARGV[4], 'EX', ttl)
+  else r = redis.pcall('SET', KEYS[2], ARGV[4]) end
+elseif op == 'del' then r = redis.pcall('DEL', KEYS[2])
+elseif op == 'hset' then r = redis.pcall('HSET', KEYS[2], unpack(ARGV, 4))
+elseif op == 'hdel' then r = redis.pcall('HDEL', KEYS[2], unpack(ARGV, 4))
+elseif op == 'incrby' then r = redis.pcall('INCRBY', KEYS[2], ARGV[4])
+elseif op == 'expire' then r = redis.pcall('EXPIRE', KEYS[2], ARGV[4])
+else return redis.error_reply('ERR unknown operation ' .. op) end
+if type(r) == 'table' and r.err then return r end
+if ttl ~= '' and op ~= 'set' then redis.call('EXPIRE', KEYS[2], ttl) end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
+return 1
+"""
+_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+
+# Error-reply prefixes that mean "not now" rather than "never".
+_THROTTLED = ("BUSY", "LOADING", "TRYAGAIN", "OOM")
+_UNAVAILABLE = ("READONLY", "MASTERDOWN", "CLUSTERDOWN", "NOAUTH", "WRONGPASS", "NOPERM")
+
+
+class _Invalid(Exception):
+    """A write that can never apply (no key, wrong kind of value)."""
+
+
+class RedisTarget(Target):
+    kind = "redis"
+
+    _client: aioredis.Redis | None = None
+
+    async def open(self) -> None:
+        c = self.config
+        url = c.get("url") or self.settings.redis_url
+        self.prefix = _option(self.name, c, "keyPrefix", str, "")
+        self.ttl = _option(self.name, c, "ttlSeconds", int, None)
+        self.operation = _option(self.name, c, "operation", str, "set").lower()
+        self.key_path = _option(self.name, c, "keyPath", str, "key")
+        self.value_path = _option(self.name, c, "valuePath", str, "value")
+        self.dedupe_ttl = _option(self.name, c, "dedupeTtlSeconds", int, 7 * 86_400)
+        timeout = _option(self.name, c, "timeoutMs", int, 5_000) / 1000
+        if self.operation not in _OPERATIONS:
+            known = ", ".join(sorted(_OPERATIONS))
+            raise ConfigError(f"redis target {self.name}: operation must be one of {known}")
+        self._password = urlsplit(url).password if isinstance(url, str) else None
+        try:
+            self._client = aioredis.Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 1),  # one quick reconnect; the caller owns backoff
+            )
+        except (ValueError, TypeError, rx.RedisError):
+            raise ConfigError(f"redis target {self.name}: unusable url") from None
+
+    async def close(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):  # close never raises
+                await self._client.aclose()
+
+    async def deliver(self, batch: Sequence[Write]) -> list[Outcome]:
+        outcomes: list[Outcome] = [DELIVERED] * len(batch)
+        calls: dict[int, list[Any]] = {}
+        for i, item in enumerate(batch):
+            try:
+                calls[i] = self.command(item)
+            except _Invalid as exc:
+                outcomes[i] = permanent("TARGET_REJECTED", str(exc))
+        for attempt in range(2):  # a second round only after loading the script
+            results = await self._run(list(calls.values()))
+            again: dict[int, list[Any]] = {}
+            for (i, call), result in zip(calls.items(), results, strict=True):
+                if isinstance(result, rx.NoScriptError) and attempt == 0:
+                    again[i] = call
+                elif isinstance(result, BaseException):
+                    outcomes[i] = self._scrub(classify(result))
+            if not again or not await self._load_script(again, outcomes):
+                break
+            calls = again
+        return outcomes
+
+    def command(self, item: Write) -> list[Any]:
+        """The EVALSHA arguments that apply ``item``; :class:`_Invalid` if it never can."""
+        op = (item.operation or item.options.get("operation") or self.operation).lower()
+        if op not in _OPERATIONS:
+            raise _Invalid(f"unknown operation {op!r}")
+        key = _at_path(item.payload, self.key_path)
+        if isinstance(key, bool) or not isinstance(key, (str, int)) or key == "":
+            raise _Invalid(f"no key at {self.key_path!r}")
+        prefix = _opt(item.options, "keyPrefix", "key_prefix", self.prefix)
+        ttl = _opt(item.options, "ttlSeconds", "ttl_seconds", self.ttl)
+        value = _at_path(item.payload, self.value_path)
+        if value is _MISSING:
+            value = item.payload
+        args = _arguments(op, value, ttl)
+        marker = f"wal:applied:{item.namespace}:{self.name}:{item.id}"
+        ttl_arg = str(ttl) if ttl and op in _WITH_TTL else ""
+        return ["EVALSHA", _SHA, 2, marker, f"{prefix}{key}", self.dedupe_ttl, op, ttl_arg, *args]
+
+    async def _run(self, calls: list[list[Any]]) -> list[Any]:
+        """Send the calls in one pipeline; a failure of the whole round trip fails each call."""
+        if not calls:
+            return []
+        assert self._client is not None, "open() first"
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for call in calls:
+                    pipe.execute_command(*call)
+                return list(await pipe.execute(raise_on_error=False))
+        except Exception as exc:  # redis-py's or the socket's: classify() sorts them out
+            return [exc] * len(calls)
+
+    async def _load_script(self, pending: dict[int, list[Any]], outcomes: list[Outcome]) -> bool:
+        assert self._client is not None
+        try:
+            await self._client.script_load(_SCRIPT)
+            return True
+        except (rx.RedisError, OSError) as exc:
+            for i in pending:
+                outcomes[i] = self._scrub(classify(exc))
+            return False
+
+    def _scrub(self, outcome: Outcome) -> Outcome:
+        if not self._password or self._password not in outcome.message:
+            return outcome
+        message = outcome.message.replace(self._password, "***")
+        return Outcome(outcome.status, outcome.code, message, outcome.retry_after)
+
+
+def classify(exc: BaseException) -> Outcome:
+    """Translate a redis-py error (or a script's error reply) into an outcome."""
+    name = type(exc).__name__
+    text = str(exc).strip().splitlines()
+    message = f"{name}: {text[0][:300]}" if text else name
+    if isinstance(exc, rx.TimeoutError):
+        return retryable("TARGET_UNAVAILABLE", message)
+    if isinstance(exc, rx.BusyLoadingError):
+        return retryable("TARGET_THROTTLED", message)
+    if isinstance(exc, (rx.ConnectionError, OSError)):
+        return retryable("TARGET_UNAVAILABLE", message)
+    if isinstance(exc, rx.NoScriptError):
+        return retryable("TARGET_ERROR", message)
+    if isinstance(exc, rx.ResponseError):
+        reply = text[0].lstrip() if text else ""
+        if reply.startswith(_THROTTLED):
+            return retryable("TARGET_THROTTLED", message)
+        if isinstance(exc, rx.ReadOnlyError) or reply.startswith(_UNAVAILABLE):
+            return retryable("TARGET_UNAVAILABLE", message)
+        return permanent("TARGET_REJECTED", message)
+    return retryable("TARGET_ERROR", message)
+
+
+def _arguments(op: str, value: Any, ttl: int | None) -> list[Any]:
+    if op == "set":
+        return [_encode(value)]
+    if op == "del":
+        return []
+    if op == "hset":
+        if not isinstance(value, Mapping) or not value:
+            raise _Invalid("hset needs a non-empty object of fields")
+        return [part for field, v in value.items() for part in (str(field), _encode(v))]
+    if op == "hdel":
+        fields = [value] if isinstance(value, str) else value
+        if not (isinstance(fields, list) and fields and all(isinstance(f, str) for f in fields)):
+            raise _Invalid("hdel needs a field name or a list of them")
+        return list(fields)
+    if op == "incrby":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid("incrby needs an integer amount")
+        return [value]
+    seconds = value if isinstance(value, int) and not isinstance(value, bool) else ttl
+    if not seconds or seconds < 1:
+        raise _Invalid("expire needs a positive number of seconds (value or ttlSeconds)")
+    return [seconds]
+
+
+def _encode(value: Any) -> bytes:
+    if isinstance(value, str):
+        return value.encode()
+    try:
+        return orjson.dumps(value)
+    except TypeError as exc:
+        raise _Invalid(f"value is not JSON: {exc}") from None
+
+
+def _at_path(payload: Mapping[str, Any], path: str) -> Any:
+    value: Any = payload
+    for part in path.removeprefix("payload.").split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def _opt(options: Mapping[str, Any], camel: str, snake: str, default: Any) -> Any:
+    value = options.get(camel, options.get(snake))
+    return default if value is None else value
+
+
+def _option(name: str, config: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = config.get(key, default)
+    if value is None and default is None:
+        return None
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if not ok or (kind is int and value < 1):
+        expected = "a positive integer" if kind is int else "a string"
+        raise ConfigError(f"redis target {name}: {key} must be {expected}")
+    return value
