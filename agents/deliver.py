@@ -39,7 +39,10 @@ from app.topics import Record, deliver_topic
 from tables.namespaces import lookup
 from targets import create as create_target
 from targets.base import Outcome, Target, Write
-from targets.circuit import guard
+from targets.circuit import BREAKERS, guard
+
+#: ``wal_circuit_state`` values.
+CIRCUIT_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
 
 #: The target a namespace without targets delivers to: the default database's journal.
 JOURNAL = TargetDef(identifier="journal", type="sql", config={})
@@ -82,7 +85,14 @@ async def target_for(namespace: str, definition: TargetDef) -> Target:
     if slot is not None and slot.fingerprint == fingerprint:
         return slot.target
     target = create_target(definition.type, definition.identifier, definition.config, settings)
-    target = guard(namespace, target)  # a circuit breaker per (namespace, target)
+    circuit = definition.circuit  # a circuit breaker per (namespace, target)
+    target = guard(
+        namespace,
+        target,
+        threshold=circuit.threshold,
+        cooldown=circuit.cooldown_ms / 1000,
+        max_cooldown=circuit.max_cooldown_ms / 1000,
+    )
     await target.open()
     _targets[(namespace, definition.identifier)] = _Open(fingerprint, target)
     if slot is not None:
@@ -189,6 +199,9 @@ async def _deliver_group(namespace_name: str, identifier: str, members: list[Ite
     with metrics.DELIVERY_SECONDS.labels(namespace_name, identifier).time():
         outcomes = await target.deliver([m.writes[identifier] for m in members])
     _count_delivered(namespace_name, members, outcomes)
+    breaker = BREAKERS.get(f"{namespace_name}/{identifier}")
+    if breaker is not None:
+        metrics.CIRCUIT_STATE.labels(namespace_name, identifier).set(CIRCUIT_LEVELS[breaker.state])
     failed = [(m, o) for m, o in zip(members, outcomes, strict=True) if not o.ok]
     if failed:
         fleet.log.warning(

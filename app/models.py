@@ -266,6 +266,20 @@ def _target_kind(value: Any) -> Any:
     return value
 
 
+class CircuitConfig(Wire):
+    """When a target's circuit opens, and how long it stays open before a probe."""
+
+    threshold: int = Field(default=5, ge=1, le=1000)
+    cooldown_ms: int = Field(default=30_000, ge=100, le=3_600_000)
+    max_cooldown_ms: int = Field(default=300_000, ge=100, le=3_600_000)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CircuitConfig:
+        if self.max_cooldown_ms < self.cooldown_ms:
+            raise ValueError("maxCooldownMs must be at least cooldownMs")
+        return self
+
+
 class TargetDef(Wire):
     """A named target of a namespace: its kind and its configuration.
 
@@ -276,6 +290,7 @@ class TargetDef(Wire):
     identifier: Identifier
     type: Annotated[Literal["sql", "redis", "http"], BeforeValidator(_target_kind)]
     config: dict[str, Any] = {}
+    circuit: CircuitConfig = CircuitConfig()
     region: str | None = None
     weight: int = Field(default=100, ge=0, le=100)
     enabled: bool = True

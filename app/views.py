@@ -25,6 +25,7 @@ from app.errors import Rejected
 from app.fleet import fleet, settings
 from app.models import Namespace
 from tables import namespaces as namespace_table
+from targets.circuit import BREAKERS
 
 limiter = access.RateLimiter()
 
@@ -209,7 +210,10 @@ class NamespaceStatus(WalView):
                 "NAMESPACE_NOT_FOUND",
                 f"namespace '{name}' not found",
             )
-        return self.json(namespace_summary(ns))
+        summary = namespace_summary(ns)
+        keys = {t["identifier"]: f"{ns.name}/{t['identifier']}" for t in summary["targets"]}
+        circuits = {t: BREAKERS[k].snapshot() for t, k in keys.items() if k in BREAKERS}
+        return self.json({**summary, "circuits": circuits})
 
 
 @fleet.page("/wal/openapi.json")
