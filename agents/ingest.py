@@ -43,6 +43,7 @@ class Admitted:
     message_id: str
     routing_key: str
     received_at_ms: int
+    produced_at_ms: int
 
 
 def admit(
@@ -119,6 +120,7 @@ def admit(
         message_id=message_id,
         routing_key=routing_key(namespace, request, message_id, sequence),
         received_at_ms=now_ms,
+        produced_at_ms=timestamp_ms or now_ms,
     )
 
 
@@ -196,14 +198,12 @@ def deliver_record(
     )
     delay_s = admitted.request.lifecycle.delay_seconds
     if delay_s > 0:
-        due_at = admitted.received_at_ms + delay_s * 1000
+        # Due counts from when the client produced the request, so a replay keeps it.
+        due_at = admitted.produced_at_ms + delay_s * 1000
         out[topics.DUE_AT] = str(due_at)
-        return Record(
-            topics.delay_topic_for(due_at - admitted.received_at_ms),
-            admitted.routing_key.encode(),
-            raw,
-            out,
-        )
+        if due_at > admitted.received_at_ms:
+            topic = topics.delay_topic_for(due_at - admitted.received_at_ms)
+            return Record(topic, admitted.routing_key.encode(), raw, out)
     return Record(topics.NAMES["deliver"], admitted.routing_key.encode(), raw, out)
 
 

@@ -184,9 +184,11 @@ def produce(source: IO[bytes], topic: str | None, key_field: str | None, progres
 
 
 def _mount_optional_groups() -> None:
+    from app.dlq import dlq
     from app.stack import stack
 
     main.add_command(stack)
+    main.add_command(dlq)
 
 
 _mount_optional_groups()

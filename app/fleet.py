@@ -69,13 +69,19 @@ def create_app(s: Settings) -> faust.App:
         web_port=s.web_port,
         web_bind=s.web_host,
         web_in_thread=False,
+        **_optional(canonical_url=s.canonical_url),
         # Bodies up to the largest maxMessageSize a namespace may set (16 MiB).
         web_application_options={"client_max_size": 16 * 1024 * 1024 + 65_536},
-        table_standby_replicas=0,
+        table_standby_replicas=s.standby_replicas,
         key_serializer="raw",
         value_serializer="raw",
         logging_config=None,
     )
+
+
+def _optional(**kwargs: Any) -> dict[str, Any]:
+    """Keyword arguments whose value is set; Faust's defaults stand for the others."""
+    return {k: v for k, v in kwargs.items() if v}
 
 
 fleet = create_app(settings)

@@ -45,6 +45,14 @@ class Settings(BaseSettings):
     web_port: int = 6066
     """WAL_WEB_PORT: port of the worker's web server (views, /metrics, health)."""
 
+    canonical_url: str = ""
+    """WAL_CANONICAL_URL: the URL other workers reach this one's web server at (table
+    routing); default ``http://<web host>:<web port>``. In Kubernetes, the pod's DNS name."""
+
+    standby_replicas: int = Field(default=0, ge=0, le=10)
+    """WAL_STANDBY_REPLICAS: standby copies of each table partition kept by other workers,
+    for faster failover (worth it with ``rocksdb://``)."""
+
     data_dir: Path = Path("./var")
     """WAL_DATA_DIR: where the worker keeps local state (table stores, SQLite file)."""
 
@@ -74,6 +82,11 @@ class Settings(BaseSettings):
 
     producer_linger_ms: int = Field(default=5, ge=0)
     """WAL_PRODUCER_LINGER_MS: producer linger; batches records sent together."""
+
+    delay_tiers: str = "1,5,30,120,900"
+    """WAL_DELAY_TIERS: seconds of each delay tier topic (``wal-delay-<tier>``), comma-separated.
+    A delayed or retried message waits in the largest tier that does not overshoot its
+    due time; more tiers mean fewer hops for long delays."""
 
     http_produce_timeout_s: float = Field(default=5.0, gt=0, le=120)
     """WAL_HTTP_PRODUCE_TIMEOUT_S: how long POST /wal/write waits for Kafka before 503."""
@@ -118,6 +131,19 @@ class Settings(BaseSettings):
 
     redis_port: int = 6379
     """WAL_REDIS_PORT: port of the local stack's Redis."""
+
+    @cached_property
+    def tiers(self) -> tuple[int, ...]:
+        """:attr:`delay_tiers` as sorted seconds."""
+        try:
+            tiers = sorted({int(t) for t in self.delay_tiers.split(",") if t.strip()})
+        except ValueError:
+            raise ValueError(
+                f"WAL_DELAY_TIERS must be whole seconds: {self.delay_tiers!r}"
+            ) from None
+        if not tiers or tiers[0] < 1:
+            raise ValueError("WAL_DELAY_TIERS needs at least one tier of 1 second or more")
+        return tuple(tiers)
 
     @cached_property
     def bootstrap_servers(self) -> list[str]:

@@ -41,15 +41,15 @@ TRACEPARENT = "traceparent"
 #: Headers a client may set on an ingest record that the fleet carries along.
 PASSTHROUGH = (TRACEPARENT, REPLAYED_FROM)
 
-#: Delay tiers, in seconds: a waiting message sits in the largest tier that does
-#: not overshoot its due time, and hops down until it is due.
-DELAY_TIERS: tuple[int, ...] = (1, 5, 30, 120, 900)
+#: Delay tiers, in seconds (WAL_DELAY_TIERS): a waiting message sits in the largest
+#: tier that does not overshoot its due time, and hops down until it is due.
+DELAY_TIERS: tuple[int, ...] = settings.tiers
 
 Headers = dict[str, str]
 
 
 def tier_name(seconds: int) -> str:
-    return f"{seconds}s" if seconds < 60 else f"{seconds // 60}m"
+    return f"{seconds // 60}m" if seconds >= 60 and seconds % 60 == 0 else f"{seconds}s"
 
 
 def topic_names(s: Settings) -> dict[str, str]:
@@ -61,7 +61,7 @@ def topic_names(s: Settings) -> dict[str, str]:
         "namespaces": s.topic("namespaces"),
         "txn-events": s.topic("txn-events"),
     }
-    for seconds in DELAY_TIERS:
+    for seconds in s.tiers:
         names[f"delay-{tier_name(seconds)}"] = s.topic(f"delay-{tier_name(seconds)}")
     return names
 
