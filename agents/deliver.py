@@ -25,8 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -36,13 +35,17 @@ from app.errors import ConfigError
 from app.fleet import fleet, settings
 from app.models import Namespace, TargetDef, TargetRef, WriteRequest
 from app.topics import Record, deliver_topic
+from tables import ordering
 from tables.namespaces import lookup
 from targets import create as create_target
-from targets.base import Outcome, Target, Write
+from targets.base import Outcome, Target, Write, permanent
 from targets.circuit import BREAKERS, guard
 
 #: ``wal_circuit_state`` values.
 CIRCUIT_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
+
+#: How long a write parked behind its key waits before it asks again.
+PARK_MS = 1000
 
 #: The target a namespace without targets delivers to: the default database's journal.
 JOURNAL = TargetDef(identifier="journal", type="sql", config={})
@@ -60,6 +63,7 @@ class Item:
     namespace: Namespace | None = None
     request: WriteRequest | None = None
     writes: dict[str, Write] = field(default_factory=dict)  # target identifier -> write
+    seqs: dict[str, int | None] = field(default_factory=dict)  # ordering: number per target
 
     @property
     def attempt(self) -> int:
@@ -173,36 +177,135 @@ def _targets_of(
 
 
 async def _deliver_all(items: list[Item]) -> list[Record]:
-    """Deliver every planned write; return the dead letters of those that can never succeed."""
-    groups: dict[tuple[str, str], list[Item]] = defaultdict(list)
-    for item in items:
-        for identifier in item.writes:
+    """Deliver every planned write; return the retries, parked writes and dead letters.
+
+    Writes of ``ordering: key`` namespaces go in waves - at most one per (key,
+    target) in each - so a write that fails blocks the ones behind it before they
+    reach the target (see :mod:`tables.ordering`).
+    """
+    pending = [(item, identifier) for item in items for identifier in item.writes]
+    follow_ups: list[Record] = []
+    states: dict[bytes, dict[str, ordering.KeyState]] = {}
+    while pending:
+        wave, pending = _wave(pending)
+        wave = [w for w in wave if not _parked(w, states, follow_ups)]
+        groups: dict[tuple[str, str], list[Item]] = defaultdict(list)
+        for item, identifier in wave:
             assert item.namespace is not None
             groups[(item.namespace.name, identifier)].append(item)
-    results = await asyncio.gather(
-        *(_deliver_group(ns, identifier, members) for (ns, identifier), members in groups.items())
+        results = await asyncio.gather(
+            *(_deliver_group(ns, ident, members) for (ns, ident), members in groups.items())
+        )
+        for ((_, identifier), members), outcomes in zip(groups.items(), results, strict=True):
+            for item, outcome in zip(members, outcomes, strict=True):
+                record = _next_step(item, identifier, outcome, states)
+                if record is not None:
+                    follow_ups.append(record)
+    if states:
+        for key, per_target in states.items():
+            ordering.save(key, per_target)
+        await fleet.producer.flush()  # the sequencing state is durable before the acks
+    return follow_ups
+
+
+def _wave(pending: list[tuple[Item, str]]) -> tuple[list[tuple[Item, str]], list[tuple[Item, str]]]:
+    """Split off what may go to the targets together: one write per ordered (key, target)."""
+    wave, rest, seen = [], [], set()
+    for item, identifier in pending:
+        slot = (item.key, identifier)
+        if _ordered(item) and slot in seen:
+            rest.append((item, identifier))
+        else:
+            seen.add(slot)
+            wave.append((item, identifier))
+    return wave, rest
+
+
+def _ordered(item: Item) -> bool:
+    return item.namespace is not None and item.namespace.ordering == "key"
+
+
+def _parked(
+    write: tuple[Item, str],
+    states: dict[bytes, dict[str, ordering.KeyState]],
+    follow_ups: list[Record],
+) -> bool:
+    """Gate an ordered write; when it must wait behind its key, park it and say so."""
+    item, identifier = write
+    if not _ordered(item):
+        return False
+    per_target = states.setdefault(item.key or b"", ordering.load(item.key or b""))
+    action, state, seq = ordering.gate(
+        per_target.get(identifier), item.writes[identifier].id, _carried_seq(item, identifier)
     )
-    return [record for dead in results for record in dead]
+    if state is not None:
+        per_target[identifier] = state
+    item.seqs[identifier] = seq
+    if action == "deliver":
+        return False
+    follow_ups.append(_park(item, identifier, seq))
+    return True
 
 
-async def _deliver_group(namespace_name: str, identifier: str, members: list[Item]) -> list[Record]:
-    """One target's share of a batch; returns the retries and dead letters it leaves."""
+def _next_step(
+    item: Item,
+    identifier: str,
+    outcome: Outcome,
+    states: dict[bytes, dict[str, ordering.KeyState]],
+) -> Record | None:
+    """After a write's outcome: its follow-up record, and its key's sequencing."""
+    record = None if outcome.ok else _after_failure(item, identifier, outcome)
+    if not _ordered(item):
+        return record
+    per_target = states.setdefault(item.key or b"", ordering.load(item.key or b""))
+    message_id = item.writes[identifier].id
+    seq = item.seqs.get(identifier)
+    if record is not None and record.topic != _dlq_topic(item):  # going round again
+        per_target[identifier], seq = ordering.block(per_target.get(identifier), message_id, seq)
+        return replace(record, headers={**record.headers, topics.ORDER_SEQ: str(seq)})
+    released = ordering.release(per_target.get(identifier), message_id, seq)
+    if released is None:
+        per_target.pop(identifier, None)
+    else:
+        per_target[identifier] = released
+    return record
+
+
+def _carried_seq(item: Item, identifier: str) -> int | None:
+    if item.headers.get(topics.TARGET) != identifier or not item.headers.get(topics.ORDER_SEQ):
+        return None
+    return int(item.headers[topics.ORDER_SEQ])
+
+
+def _park(item: Item, identifier: str, seq: int | None) -> Record:
+    """Send a write round the shortest delay tier until its key lets it through."""
+    due = int(time.time() * 1000) + PARK_MS
+    headers: dict[str, str | None] = dict(item.headers)
+    headers.update({topics.TARGET: identifier, topics.DUE_AT: str(due), topics.ORDER_SEQ: str(seq)})
+    metrics.MESSAGES.labels(
+        item.namespace.name if item.namespace else metrics.UNKNOWN, "deliver", "parked"
+    ).inc()
+    return Record(topics.delay_topic_for(PARK_MS), item.key, item.raw, headers)
+
+
+async def _deliver_group(
+    namespace_name: str, identifier: str, members: list[Item]
+) -> list[Outcome]:
+    """One target's share of a wave: one ``deliver()`` call; an outcome per member."""
     namespace = members[0].namespace
     assert namespace is not None
     definition = namespace.target(identifier) or JOURNAL
     try:
         target = await target_for(namespace_name, definition)
     except ConfigError as exc:
-        return _drop_none(
-            _dead_letter(m, "TARGET_REJECTED", exc.message, identifier) for m in members
-        )
+        return [permanent("TARGET_REJECTED", exc.message)] * len(members)
     with metrics.DELIVERY_SECONDS.labels(namespace_name, identifier).time():
         outcomes = await target.deliver([m.writes[identifier] for m in members])
     _count_delivered(namespace_name, members, outcomes)
     breaker = BREAKERS.get(f"{namespace_name}/{identifier}")
     if breaker is not None:
         metrics.CIRCUIT_STATE.labels(namespace_name, identifier).set(CIRCUIT_LEVELS[breaker.state])
-    failed = [(m, o) for m, o in zip(members, outcomes, strict=True) if not o.ok]
+    failed = [o for o in outcomes if not o.ok]
     if failed:
         fleet.log.warning(
             "target %s/%s: %d of %d writes failed (first: %s: %s)",
@@ -210,10 +313,10 @@ async def _deliver_group(namespace_name: str, identifier: str, members: list[Ite
             identifier,
             len(failed),
             len(members),
-            failed[0][1].code,
-            failed[0][1].message,
+            failed[0].code,
+            failed[0].message,
         )
-    return _drop_none(_after_failure(m, identifier, o) for m, o in failed)
+    return outcomes
 
 
 def _after_failure(item: Item, identifier: str, outcome: Outcome) -> Record | None:
@@ -268,10 +371,6 @@ def _count_delivered(namespace: str, members: list[Item], outcomes: list[Outcome
     metrics.MESSAGES.labels(namespace, "deliver", "delivered").inc(delivered)
 
 
-def _drop_none(records: Iterable[Record | None]) -> list[Record]:
-    return [r for r in records if r is not None]
-
-
 def _dead_letter(item: Item, code: str, message: str, target: str | None = None) -> Record | None:
     """The dead letter for an item, or None when its DLQ is disabled (then logged, dropped)."""
     name = item.namespace.name if item.namespace else metrics.UNKNOWN
@@ -299,8 +398,11 @@ def _dead_letter(item: Item, code: str, message: str, target: str | None = None)
         }
     )
     key = item.headers.get(topics.ORIGINAL_KEY)
-    dlq = (item.namespace.dlq_config.topic_name if item.namespace else None) or topics.NAMES["dlq"]
-    return Record(dlq, key.encode() if key else None, item.raw, headers)
+    return Record(_dlq_topic(item), key.encode() if key else None, item.raw, headers)
+
+
+def _dlq_topic(item: Item) -> str:
+    return (item.namespace.dlq_config.topic_name if item.namespace else None) or topics.NAMES["dlq"]
 
 
 def _dlq_disabled(item: Item) -> bool:

@@ -36,6 +36,7 @@ LAST_FAILED_AT = "wal-last-failed-at"
 REPLAYED_FROM = "wal-replayed-from"
 RECEIVED_AT = "wal-received-at"
 ORIGINAL_KEY = "wal-original-key"
+ORDER_SEQ = "wal-order-seq"
 TRACEPARENT = "traceparent"
 
 #: Headers a client may set on an ingest record that the fleet carries along.

@@ -13,6 +13,7 @@ import socket
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,7 @@ class Received:
     headers: dict[str, str]
     body: Any
     at: float = field(default_factory=time.time)
+    ok: bool = False  # answered 2xx
 
 
 @dataclass
@@ -103,6 +105,8 @@ class Webhook:
     max_in_flight: int = 0
     hold_s: float = 0.0
     slow_s: float = 2.0
+    #: Called with each request's JSON body; a status it returns is the answer.
+    fail_if: Callable[[Any], int | None] | None = None
     _runner: web.AppRunner | None = None
 
     def url(self, path: str = "/hook") -> str:
@@ -128,7 +132,8 @@ class Webhook:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.json() if request.can_read_body else None
-        self.received.append(Received(request.method, request.path, dict(request.headers), body))
+        received = Received(request.method, request.path, dict(request.headers), body)
+        self.received.append(received)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -143,11 +148,14 @@ class Webhook:
                 return web.Response(status=401, reason=f"Denied {echoed}"[:200], text=echoed)
             if request.path == "/moved":
                 raise web.HTTPFound("http://169.254.169.254/")
+            if self.fail_if is not None and (status := self.fail_if(body)):
+                return web.Response(status=status, text="scripted failure")
             if self.failures:
                 status, headers = self.failures.popleft()
                 return web.Response(status=status, headers=headers, text="try later")
             if isinstance(body, dict) and body.get("reject"):
                 return web.Response(status=422, text="unprocessable")
+            received.ok = True
             return web.json_response({"ok": True})
         finally:
             self.in_flight -= 1
