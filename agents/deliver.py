@@ -35,7 +35,7 @@ from app.errors import ConfigError
 from app.fleet import fleet, settings
 from app.models import Namespace, TargetDef, TargetRef, WriteRequest
 from app.topics import Record, deliver_topic
-from tables import ordering
+from tables import ordering, transactions
 from tables.namespaces import lookup
 from targets import create as create_target
 from targets.base import Outcome, Target, Write, permanent
@@ -201,10 +201,8 @@ async def _deliver_all(items: list[Item]) -> list[Record]:
                 record = _next_step(item, identifier, outcome, states)
                 if record is not None:
                     follow_ups.append(record)
-    if states:
-        for key, per_target in states.items():
-            ordering.save(key, per_target)
-        await fleet.producer.flush()  # the sequencing state is durable before the acks
+    # The sequencing state goes out with the follow-ups, durable before the acks.
+    follow_ups += [ordering.save(key, per_target) for key, per_target in states.items()]
     return follow_ups
 
 
@@ -254,13 +252,16 @@ def _next_step(
     states: dict[bytes, dict[str, ordering.KeyState]],
 ) -> Record | None:
     """After a write's outcome: its follow-up record, and its key's sequencing."""
-    record = None if outcome.ok else _after_failure(item, identifier, outcome)
+    record, final = (None, True) if outcome.ok else _after_failure(item, identifier, outcome)
+    if outcome.ok and item.headers.get(topics.TRANSACTION_ID):
+        record = _mutation_outcome(item, None)  # the transaction decides what follows
     if not _ordered(item):
         return record
     per_target = states.setdefault(item.key or b"", ordering.load(item.key or b""))
     message_id = item.writes[identifier].id
     seq = item.seqs.get(identifier)
-    if record is not None and record.topic != _dlq_topic(item):  # going round again
+    if not final:  # going round again: the key waits behind it
+        assert record is not None
         per_target[identifier], seq = ordering.block(per_target.get(identifier), message_id, seq)
         return replace(record, headers={**record.headers, topics.ORDER_SEQ: str(seq)})
     released = ordering.release(per_target.get(identifier), message_id, seq)
@@ -269,6 +270,17 @@ def _next_step(
     else:
         per_target[identifier] = released
     return record
+
+
+def _mutation_outcome(item: Item, error: str | None) -> Record:
+    """A mutation's final outcome, for its transaction (``error`` None: completed)."""
+    return transactions.outcome(
+        item.headers[topics.TRANSACTION_ID],
+        int(item.headers.get(topics.MUTATION_INDEX) or 0),
+        item.headers.get(topics.MUTATION_KIND) or "forward",
+        error is None,
+        error,
+    )
 
 
 def _carried_seq(item: Item, identifier: str) -> int | None:
@@ -319,8 +331,8 @@ async def _deliver_group(
     return outcomes
 
 
-def _after_failure(item: Item, identifier: str, outcome: Outcome) -> Record | None:
-    """A failed write's next step: a retry in a delay tier, or a dead letter."""
+def _after_failure(item: Item, identifier: str, outcome: Outcome) -> tuple[Record | None, bool]:
+    """A failed write's next step: a retry in a delay tier (not final), or a dead letter."""
     assert item.namespace is not None and item.request is not None
     policy = backoff.effective(item.namespace.retry_policy, item.request.lifecycle.retry_policy)
     now = int(time.time() * 1000)
@@ -331,15 +343,15 @@ def _after_failure(item: Item, identifier: str, outcome: Outcome) -> Record | No
         wait = backoff.delay_ms(policy, item.attempt, retry_after_s=outcome.retry_after)
         if now + wait < expires:
             metrics.MESSAGES.labels(item.namespace.name, "deliver", "retried").inc()
-            return _retry(item, identifier, outcome, now, wait)
-        return _dead_letter(
-            item, "MESSAGE_EXPIRED", f"ttl passed before a retry; last {failure}", identifier
-        )
-    if outcome.status == "retryable" and item.attempt >= policy.max_attempts:
-        return _dead_letter(
-            item, "RETRIES_EXHAUSTED", f"{item.attempt} attempts failed; last {failure}", identifier
-        )
-    return _dead_letter(item, outcome.code or "TARGET_REJECTED", outcome.message, identifier)
+            return _retry(item, identifier, outcome, now, wait), False
+        code, message = "MESSAGE_EXPIRED", f"ttl passed before a retry; last {failure}"
+    elif outcome.status == "retryable" and item.attempt >= policy.max_attempts:
+        code, message = "RETRIES_EXHAUSTED", f"{item.attempt} attempts failed; last {failure}"
+    else:
+        code, message = outcome.code or "TARGET_REJECTED", outcome.message
+    if item.headers.get(topics.TRANSACTION_ID):  # its transaction decides, not the DLQ
+        return _mutation_outcome(item, f"{code}: {message}"), True
+    return _dead_letter(item, code, message, identifier), True
 
 
 def _retry(item: Item, identifier: str, outcome: Outcome, now: int, wait: int) -> Record:

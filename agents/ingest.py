@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from app import metrics, topics
 from app.errors import Rejected
 from app.fleet import fleet, settings
-from app.models import Namespace, ShardStrategy, WriteRequest
+from app.models import Mutation, Namespace, ShardStrategy, WriteRequest
 from app.topics import Record, ingest_topic
 from tables.namespaces import lookup
 
@@ -44,6 +44,14 @@ class Admitted:
     routing_key: str
     received_at_ms: int
     produced_at_ms: int
+    mutations: list[Mutation] | None = None
+
+    @property
+    def transaction_id(self) -> str | None:
+        """``txn_…``: derived from the message id, so a replay names the same transaction."""
+        if self.mutations is None:
+            return None
+        return "txn_" + self.message_id.removeprefix("wal_")
 
 
 def admit(
@@ -105,12 +113,14 @@ def admit(
             code="MESSAGE_EXPIRED",
             details={"ttlSeconds": ttl_s},
         )
-    for ref in request.targets:
-        if namespace.target(ref.identifier) is None:
+    mutations = _mutations(request)
+    named = [ref.identifier for ref in request.targets] + [m.target for m in mutations or []]
+    for identifier in named:
+        if namespace.target(identifier) is None:
             raise Rejected(
-                f"target '{ref.identifier}' is not defined by namespace '{namespace.name}'",
+                f"target '{identifier}' is not defined by namespace '{namespace.name}'",
                 code="TARGET_NOT_FOUND",
-                details={"target": ref.identifier},
+                details={"target": identifier},
                 http_status=400,
             )
     message_id = request.message_id or headers.get(topics.MESSAGE_ID) or fallback_id
@@ -121,7 +131,23 @@ def admit(
         routing_key=routing_key(namespace, request, message_id, sequence),
         received_at_ms=now_ms,
         produced_at_ms=timestamp_ms or now_ms,
+        mutations=mutations,
     )
+
+
+def _mutations(request: WriteRequest) -> list[Mutation] | None:
+    try:
+        return request.mutations
+    except ValidationError as exc:
+        problems = [
+            {
+                "field": "payload.transactions." + ".".join(str(p) for p in e["loc"]),
+                "problem": e["msg"],
+            }
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems[:5])
+        raise Rejected(f"invalid transaction: {summary}", details=problems) from None
 
 
 def parse_request(raw: bytes) -> WriteRequest:
@@ -184,7 +210,13 @@ def derived_id(timestamp_ms: int, partition: int, offset: int) -> str:
 def deliver_record(
     admitted: Admitted, raw: bytes, headers: Mapping[str, str], source: str, key: bytes | None
 ) -> Record:
-    """The ``wal-deliver`` (or delay-tier) record for an admitted request."""
+    """The ``wal-deliver`` (or delay-tier) record for an admitted request.
+
+    A transaction becomes a ``begin`` event on ``wal-txn-events`` instead: the
+    transactions agent dispatches its mutations.
+    """
+    if admitted.transaction_id is not None:
+        return _begin(admitted, headers)
     out: dict[str, str | None] = {h: headers.get(h) for h in topics.PASSTHROUGH}
     out.update(
         {
@@ -205,6 +237,23 @@ def deliver_record(
             topic = topics.delay_topic_for(due_at - admitted.received_at_ms)
             return Record(topic, admitted.routing_key.encode(), raw, out)
     return Record(topics.NAMES["deliver"], admitted.routing_key.encode(), raw, out)
+
+
+def _begin(admitted: Admitted, headers: Mapping[str, str]) -> Record:
+    txn_id = admitted.transaction_id
+    assert txn_id is not None and admitted.mutations is not None
+    body = {
+        "type": "begin",
+        "txn": txn_id,
+        "namespace": admitted.namespace.name,
+        "messageId": admitted.message_id,
+        "mutations": [m.model_dump(mode="json") for m in admitted.mutations],
+        "timeoutAt": admitted.received_at_ms
+        + admitted.namespace.transaction_timeout_seconds * 1000,
+    }
+    out = {h: headers.get(h) for h in topics.PASSTHROUGH}
+    out[topics.TRANSACTION_ID] = txn_id
+    return Record(topics.NAMES["txn-events"], txn_id.encode(), orjson.dumps(body), out)
 
 
 def dead_letter(

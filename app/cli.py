@@ -6,7 +6,9 @@ Commands import the Faust app lazily, so ``wal stack`` works without Kafka.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
+import logging.config
 import sys
 from pathlib import Path
 from typing import IO, Any
@@ -31,14 +33,26 @@ def worker(loglevel: str | None) -> None:
     import faust
 
     from app.fleet import discover, fleet, settings
+    from app.logs import logging_config
     from app.topics import ensure_topics
 
+    level = loglevel or settings.log_level
+    config = logging_config(settings.log_format, level)
+    if config:  # until the worker applies it again (dictConfig consumes its argument)
+        logging.config.dictConfig(copy.deepcopy(config))
+    else:
+        logging.basicConfig(level=level.upper())
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     created = asyncio.run(ensure_topics(settings))
     if created:
-        click.echo(f"created topics: {', '.join(created)}", err=True)
+        logging.getLogger("wal.worker").info("created topics: %s", ", ".join(created))
     discover()
-    faust.Worker(fleet, loglevel=loglevel or settings.log_level).execute_from_commandline()
+    faust.Worker(
+        fleet,
+        loglevel=level,
+        logging_config=config,
+        quiet=settings.log_format == "json",  # no banner or spinner among the JSON lines
+    ).execute_from_commandline()
 
 
 # -- namespaces ----------------------------------------------------------------------------

@@ -339,6 +339,7 @@ class Namespace(Wire):
     max_message_size: int = Field(default=DEFAULT_MAX_MESSAGE_SIZE, ge=256, le=16 * 1024 * 1024)
     message_ttl_seconds: int = Field(default=DEFAULT_TTL_SECONDS, ge=60, le=604_800)
     ordering: Literal["none", "key"] = "none"
+    transaction_timeout_seconds: int = Field(default=300, ge=1, le=86_400)
 
     @field_validator("targets")
     @classmethod

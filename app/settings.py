@@ -88,11 +88,18 @@ class Settings(BaseSettings):
     A delayed or retried message waits in the largest tier that does not overshoot its
     due time; more tiers mean fewer hops for long delays."""
 
+    transaction_retention_s: float = Field(default=3600.0, gt=0)
+    """WAL_TRANSACTION_RETENTION_S: how long an ended transaction stays queryable."""
+
     http_produce_timeout_s: float = Field(default=5.0, gt=0, le=120)
     """WAL_HTTP_PRODUCE_TIMEOUT_S: how long POST /wal/write waits for Kafka before 503."""
 
     log_level: str = "info"
     """WAL_LOG_LEVEL: worker log level."""
+
+    log_format: Literal["json", "text"] = "json"
+    """WAL_LOG_FORMAT: worker log lines, ``json`` (one object per line: time, level, logger,
+    message, and message id / namespace / request id when known) or ``text``."""
 
     # -- Kafka security -------------------------------------------------------------
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"

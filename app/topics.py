@@ -37,6 +37,9 @@ REPLAYED_FROM = "wal-replayed-from"
 RECEIVED_AT = "wal-received-at"
 ORIGINAL_KEY = "wal-original-key"
 ORDER_SEQ = "wal-order-seq"
+TRANSACTION_ID = "wal-transaction-id"
+MUTATION_INDEX = "wal-mutation-index"
+MUTATION_KIND = "wal-mutation-kind"
 TRACEPARENT = "traceparent"
 
 #: Headers a client may set on an ingest record that the fleet carries along.
@@ -61,6 +64,7 @@ def topic_names(s: Settings) -> dict[str, str]:
         "dlq": s.topic("dlq"),
         "namespaces": s.topic("namespaces"),
         "txn-events": s.topic("txn-events"),
+        "stats": s.topic("stats"),
     }
     for seconds in s.tiers:
         names[f"delay-{tier_name(seconds)}"] = s.topic(f"delay-{tier_name(seconds)}")
@@ -70,6 +74,7 @@ def topic_names(s: Settings) -> dict[str, str]:
 NAMES = topic_names(settings)
 ingest_topic = fleet.topic(NAMES["ingest"], partitions=settings.partitions)
 deliver_topic = fleet.topic(NAMES["deliver"], partitions=settings.partitions)
+stats_topic = fleet.topic(NAMES["stats"], partitions=settings.partitions)
 delay_topics = {
     seconds: fleet.topic(NAMES[f"delay-{tier_name(seconds)}"], partitions=settings.partitions)
     for seconds in DELAY_TIERS

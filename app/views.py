@@ -12,19 +12,24 @@ import asyncio
 import secrets
 import time
 import uuid
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any, cast
+from urllib.parse import quote
 
+import httpx
 from aiohttp import web
 from aiohttp.web_exceptions import HTTPRequestEntityTooLarge
 from faust.web import Request, Response, View
 
 from agents.ingest import HARD_SIZE_LIMIT, admit, deliver_record
-from app import access, openapi, topics
+from app import access, dashboard, offsets, openapi, topics
 from app.errors import Rejected
 from app.fleet import fleet, settings
 from app.models import Namespace
 from tables import namespaces as namespace_table
+from tables import stats as stats_table
+from tables import transactions as transactions_table
 from targets.circuit import BREAKERS
 
 limiter = access.RateLimiter()
@@ -139,6 +144,7 @@ class Write(WalView):
         body = {
             "durable": True,
             "messageId": admitted.message_id,
+            **({"transactionId": admitted.transaction_id} if admitted.transaction_id else {}),
             "partition": meta[0].partition,
             "offset": meta[0].offset,
             "topic": meta[0].topic,
@@ -213,7 +219,7 @@ class NamespaceStatus(WalView):
         summary = namespace_summary(ns)
         keys = {t["identifier"]: f"{ns.name}/{t['identifier']}" for t in summary["targets"]}
         circuits = {t: BREAKERS[k].snapshot() for t, k in keys.items() if k in BREAKERS}
-        return self.json({**summary, "circuits": circuits})
+        return self.json({**summary, "circuits": circuits, **await _backlog_of(ns)})
 
 
 @fleet.page("/wal/openapi.json")
@@ -232,14 +238,235 @@ class Live(View):
 
 @fleet.page("/health/ready")
 class Ready(View):
-    """Partitions assigned and tables recovered: this worker is processing."""
+    """Partitions assigned, tables recovered, commits keeping up: this worker is processing."""
 
     async def get(self, request: Request) -> Response:
-        ready = _ready()
-        return self.json({"status": "ready" if ready else "starting"}, status=200 if ready else 503)
+        checks = _readiness()
+        status = "ready" if checks["ready"] else "starting"
+        if not checks["commitsAdvancing"]:
+            status = "stalled"
+        return self.json(
+            {"status": status, "checks": checks}, status=200 if checks["ready"] else 503
+        )
 
 
-def _ready() -> bool:
+def _readiness() -> dict[str, bool]:
+    """Cheap: no broker round trip. Idle is ready; acks that are not committed are not."""
     consumer: Any = fleet.consumer
     recovery: Any = cast(Any, fleet.tables).recovery
-    return bool(consumer.assignment()) and not recovery.in_recovery and fleet.rebalancing is False
+    checks = {
+        "assigned": bool(consumer.assignment()) and fleet.rebalancing is False,
+        "recovered": not recovery.in_recovery,
+        "commitsAdvancing": offsets.commits_advancing(),
+    }
+    return {**checks, "ready": all(checks.values())}
+
+
+# -- transactions ------------------------------------------------------------------------
+
+
+@fleet.page("/wal/transactions/{txn_id}")
+class Transaction(WalView):
+    """A transaction's status and each mutation's, from the worker that owns it."""
+
+    # Faust's decorator is typed for handlers without path arguments.
+    @fleet.table_route(table=transactions_table.transactions, match_info="txn_id")  # type: ignore[arg-type]
+    async def get(self, request: Request, txn_id: str) -> Response:
+        state = transactions_table.load(txn_id)
+        if state is None:
+            return self.fail(
+                request, request_id(request), 404, "NOT_FOUND", f"transaction '{txn_id}' not found"
+            )
+        mutations = [{k: v for k, v in m.items() if k != "spec"} for m in state["mutations"]]
+        return self.json({**state, "mutations": mutations})
+
+
+# -- operations: stats, fleet, dashboard ----------------------------------------------------
+
+
+@fleet.page("/wal/namespaces/{name}/metrics")
+class NamespaceMetrics(WalView):
+    """Totals, rates and latency of a namespace, from the worker that folds its stats."""
+
+    async def get(self, request: Request, name: str) -> Response:
+        canonical = name.strip().lower()
+        if canonical != name:  # route by the stored key, or another worker is asked
+            raise web.HTTPPermanentRedirect(f"/wal/namespaces/{quote(canonical, safe='')}/metrics")
+        if namespace_table.lookup(name) is None:
+            return self.fail(
+                request,
+                request_id(request),
+                404,
+                "NAMESPACE_NOT_FOUND",
+                f"namespace '{name}' not found",
+            )
+        return await self.owned(request)
+
+    # Faust's decorator is typed for View itself, not its subclasses.
+    @fleet.table_route(table=stats_table.stats, match_info="name")  # type: ignore[arg-type]
+    async def owned(self, request: Request) -> Response:
+        name = request.match_info["name"]
+        if not _owns_stats(name):  # routed here mid-rebalance: do not answer with a stale copy
+            return self.fail(
+                request,
+                request_id(request),
+                503,
+                "INTERNAL_ERROR",
+                "the namespace's stats are moving between workers; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        return self.json(stats_table.summary(name, stats_table.read(name), _now_ms()))
+
+
+def _owns_stats(name: str) -> bool:
+    recovery: Any = cast(Any, fleet.tables).recovery
+    assignor: Any = fleet.assignor
+    tp = fleet.producer.key_partition(
+        stats_table.stats.changelog_topic.get_topic_name(), name.encode()
+    )
+    return assignor.is_active(tp) and not recovery.in_recovery
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@fleet.page("/wal/fleet")
+class FleetView(WalView):
+    """This worker's partitions, lag and circuits, and the group's members (``?all=1``: every
+    member's view, merged)."""
+
+    async def get(self, request: Request) -> Response:
+        if request.query.get("all") in ("1", "true", "yes"):
+            return self.json(await fleet_all())
+        return self.json(worker_view())
+
+
+def worker_view() -> dict[str, Any]:
+    """What ``GET /wal/fleet`` answers: this worker as it sees itself and the group."""
+    return {
+        "url": _own_url(),
+        "ready": _readiness()["ready"],
+        "rebalancing": bool(fleet.rebalancing),
+        "assigned": offsets.assignment(),
+        "tables": offsets.table_partitions(),
+        "lag": _json_lag(offsets.consumer_lag()),
+        "circuits": {key: breaker.snapshot() for key, breaker in sorted(BREAKERS.items())},
+        "members": offsets.members(),
+    }
+
+
+async def fleet_all() -> dict[str, Any]:
+    """Every member's ``/wal/fleet``, and who holds each partition (a list: one, normally)."""
+    me = worker_view()
+    others = [m["url"] for m in me["members"] if m["url"].rstrip("/") != me["url"]]
+    async with httpx.AsyncClient(timeout=FLEET_TIMEOUT_S) as client:
+        fetched = await asyncio.gather(*(_fetch_view(client, url) for url in others))
+    workers = [me, *fetched]
+    holders: dict[str, dict[str, list[str]]] = {}
+    for w in workers:
+        for topic, parts in (w.get("assigned") or {}).items():
+            for p in parts:
+                holders.setdefault(topic, {}).setdefault(str(p), []).append(w["url"])
+    return {"workers": workers, "members": me["members"], "assignment": holders}
+
+
+#: How long ``?all=1`` and the dashboard wait for another worker.
+FLEET_TIMEOUT_S = 2.0
+
+
+async def _fetch_view(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
+    try:
+        response = await client.get(f"{url.rstrip('/')}/wal/fleet")
+        response.raise_for_status()
+        return cast(dict[str, Any], response.json())
+    except (httpx.HTTPError, ValueError) as exc:
+        return {"url": url.rstrip("/"), "error": f"{type(exc).__name__}: {exc}"[:200]}
+
+
+def _own_url() -> str:
+    return str(fleet.conf.canonical_url).rstrip("/")
+
+
+def _json_lag(lag: dict[str, dict[int, int]]) -> dict[str, dict[str, int]]:
+    return {t: {str(p): n for p, n in sorted(parts.items())} for t, parts in sorted(lag.items())}
+
+
+async def _backlog_of(ns: Namespace) -> dict[str, Any]:
+    """What the status view adds: what waits in Kafka, and this worker's consumer lag.
+
+    The retry/delay backlog is the fleet's (the tiers are shared by every
+    namespace); the DLQ depth is that of the namespace's DLQ topic, which
+    other namespaces share unless it names its own.
+    """
+    dlq_topic = ns.dlq_config.topic_name or topics.NAMES["dlq"]
+    backlog = await _probed(offsets.probe.delay_backlog())
+    depth = await _probed(offsets.probe.depth(dlq_topic))
+    return {
+        "backlog": {"scope": "fleet", **backlog},
+        "dlq": {
+            "topic": dlq_topic,
+            "depth": depth or 0,
+            "sharedTopic": ns.dlq_config.topic_name is None,
+        },
+        "consumerLag": _json_lag(offsets.consumer_lag()),
+    }
+
+
+async def _probed(what: Awaitable[Any]) -> Any:
+    """A broker-side number for a view, or an error marker: a view never fails for it."""
+    try:
+        return await what
+    except Exception as exc:
+        fleet.log.warning("probing Kafka offsets failed: %r", exc)
+        return {"error": "unavailable"}
+
+
+@fleet.page("/wal/dashboard")
+class Dashboard(View):
+    """The fleet on one page (HTML, refreshes itself)."""
+
+    async def get(self, request: Request) -> Response:
+        fleet_data = await fleet_all()
+        names = namespace_table.all_names()
+        async with httpx.AsyncClient(timeout=FLEET_TIMEOUT_S) as client:
+            rows = await asyncio.gather(*(_namespace_row(client, n) for n in names))
+        backlog = await _probed(offsets.probe.delay_backlog())
+        data = {
+            "generatedAt": now_iso(),
+            "source": _own_url(),
+            "namespaces": [r for r in rows if r is not None],
+            "backlog": None if "error" in backlog else backlog,
+            "circuits": [
+                {"worker": w["url"], "key": key, **snapshot}
+                for w in fleet_data["workers"]
+                for key, snapshot in (w.get("circuits") or {}).items()
+            ],
+            "workers": fleet_data["workers"],
+        }
+        return self.html(dashboard.render(data))
+
+
+async def _namespace_row(client: httpx.AsyncClient, name: str) -> dict[str, Any] | None:
+    ns = namespace_table.lookup(name)
+    if ns is None:
+        return None
+    row: dict[str, Any] = {"name": ns.name, "enabled": ns.enabled}
+    try:
+        row.update(await _metrics_of(client, ns.name))
+    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        row["error"] = f"metrics unavailable ({type(exc).__name__})"
+    dlq_topic = ns.dlq_config.topic_name or topics.NAMES["dlq"]
+    depth = await _probed(offsets.probe.depth(dlq_topic))
+    row["dlq"] = {"topic": dlq_topic, "depth": None if isinstance(depth, dict) else depth}
+    return row
+
+
+async def _metrics_of(client: httpx.AsyncClient, name: str) -> dict[str, Any]:
+    """A namespace's stats summary from the worker that owns them (this one, or over HTTP)."""
+    owner = str(fleet.router.key_store(stats_table.stats.name, name)).rstrip("/")
+    if owner == _own_url() and _owns_stats(name):
+        return stats_table.summary(name, stats_table.read(name), _now_ms())
+    response = await client.get(f"{owner}/wal/namespaces/{quote(name, safe='')}/metrics")
+    response.raise_for_status()
+    return cast(dict[str, Any], response.json())

@@ -25,6 +25,8 @@ from typing import Literal
 import orjson
 
 from app.fleet import fleet, settings
+from app.topics import Record
+from tables import changelog_record
 
 ordering = fleet.Table(
     "ordering",
@@ -96,9 +98,7 @@ def load(key: bytes) -> dict[str, KeyState]:
     return {t: KeyState(**s) for t, s in orjson.loads(raw).items()}
 
 
-def save(key: bytes, states: dict[str, KeyState]) -> None:
+def save(key: bytes, states: dict[str, KeyState]) -> Record:
+    """Store a key's states (none left: delete it); return the changelog record to emit."""
     live = {t: s.__dict__ for t, s in states.items() if s is not None}
-    if live:
-        ordering[key] = orjson.dumps(live)
-    elif key in ordering:
-        del ordering[key]
+    return changelog_record(ordering, key, orjson.dumps(live) if live else None)

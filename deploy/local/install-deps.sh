@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the local stack needs on Debian: Java and Maven (Kafka),
-# PostgreSQL, Redis and python3-venv. Idempotent and quiet when all is present;
-# runs `apt-get update` only when something is missing.
+# PostgreSQL, Redis, python3-venv, and Chromium (headless, for the dashboard
+# test). Idempotent and quiet when all is present; runs `apt-get update` only
+# when something is missing.
 set -euo pipefail
 
 missing=()
@@ -11,6 +12,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 command -v runuser >/dev/null || missing+=(util-linux)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+command -v chromium >/dev/null || missing+=(chromium)  # tests/integration/ops: the dashboard
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0

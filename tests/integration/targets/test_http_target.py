@@ -20,8 +20,12 @@ TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 def writes(n: int, prefix: str = "m", **payload: Any) -> list[Write]:
     return [
-        Write(id=f"{prefix}-{i}", namespace="orders", payload={"n": i, **payload},
-              headers={"traceparent": TRACEPARENT})
+        Write(
+            id=f"{prefix}-{i}",
+            namespace="orders",
+            payload={"n": i, **payload},
+            headers={"traceparent": TRACEPARENT},
+        )
         for i in range(n)
     ]
 
@@ -81,7 +85,6 @@ async def test_throttling_honours_retry_after_seconds_and_dates(
     assert (outcome.status, outcome.code) == ("retryable", "TARGET_THROTTLED")
     assert outcome.retry_after == 7
 
-
     webhook.fail(1, 429, {"Retry-After": formatdate(time.time() + 60, usegmt=True)})
     [outcome] = await target.deliver(writes(1))
     assert outcome.code == "TARGET_THROTTLED"
@@ -90,7 +93,8 @@ async def test_throttling_honours_retry_after_seconds_and_dates(
     webhook.fail(1, 425)
     outcomes = await target.deliver(writes(1)) + await target.deliver(writes(1))
     assert [(o.status, o.code) for o in outcomes] == [
-        ("retryable", "TARGET_UNAVAILABLE"), ("retryable", "TARGET_ERROR")
+        ("retryable", "TARGET_UNAVAILABLE"),
+        ("retryable", "TARGET_ERROR"),
     ]
 
 

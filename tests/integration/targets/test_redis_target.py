@@ -97,8 +97,9 @@ async def test_every_operation(
 async def test_config_ttl_applies_to_set_hset_incrby(
     ns: str, rdb: aioredis.Redis, redis_target: Callable[..., Any]
 ) -> None:
-    target = await redis_target(keyPrefix=f"{ns}:", ttlSeconds=50, operation="hset",
-                                valuePath="fields", keyPath="id")
+    target = await redis_target(
+        keyPrefix=f"{ns}:", ttlSeconds=50, operation="hset", valuePath="fields", keyPath="id"
+    )
     batch = [
         Write(id=f"{ns}-1", namespace=ns, payload={"id": 7, "fields": {"a": "b"}}),
         Write(id=f"{ns}-2", namespace=ns, payload={"id": "c", "fields": 3}, operation="incrby"),
@@ -172,8 +173,9 @@ async def test_script_is_reloaded_after_a_flush(
 async def test_server_down_then_back(
     ns: str, rdb: aioredis.Redis, redis_target: Callable[..., Any], redis_proxy: TcpProxy
 ) -> None:
-    target = await redis_target(url=f"redis://127.0.0.1:{redis_proxy.port}/0",
-                                keyPrefix=f"{ns}:", timeoutMs=1000)
+    target = await redis_target(
+        url=f"redis://127.0.0.1:{redis_proxy.port}/0", keyPrefix=f"{ns}:", timeoutMs=1000
+    )
     assert statuses(await target.deliver([w(ns, "1", "incrby", "n", 1)])) == ["delivered"]
     await redis_proxy.stop()
     batch = [w(ns, "2", "incrby", "n", 10), w(ns, "3", "set", "k", "v")]
@@ -189,8 +191,9 @@ async def test_fan_out_to_two_regions_is_independent(
     ns: str, redis_url: str, redis_target: Callable[..., Any], redis_proxy: TcpProxy
 ) -> None:
     eu = await redis_target("eu", keyPrefix=f"{ns}:")  # db 0 of redis_url
-    us = await redis_target("us", url=f"redis://127.0.0.1:{redis_proxy.port}/1",
-                            keyPrefix=f"{ns}:", timeoutMs=1000)
+    us = await redis_target(
+        "us", url=f"redis://127.0.0.1:{redis_proxy.port}/1", keyPrefix=f"{ns}:", timeoutMs=1000
+    )
     batch = [w(ns, "1", "incrby", "n", 3), w(ns, "2", "set", "k", "v")]
     assert statuses(await eu.deliver(batch)) == ["delivered"] * 2
     await redis_proxy.stop()
@@ -213,8 +216,7 @@ async def test_busy_and_readonly_servers_are_retryable(
     target = await redis_target(url=url, keyPrefix=f"{ns}:")
     admin = aioredis.Redis(port=throwaway_redis)
     await admin.config_set("busy-reply-threshold", 100)
-    script = ("local s = redis.call('TIME')[1] "
-              "while redis.call('TIME')[1] - s < 2 do end return 1")
+    script = "local s = redis.call('TIME')[1] while redis.call('TIME')[1] - s < 2 do end return 1"
     runner = aioredis.Redis(port=throwaway_redis)
     busy = asyncio.create_task(runner.eval(script, 0))  # type: ignore[arg-type]
 

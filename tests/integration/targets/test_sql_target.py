@@ -215,7 +215,9 @@ async def test_a_poison_row_fails_alone(db: Db, sql_target: Callable[..., Any]) 
     assert statuses(outcomes) == ["delivered"] + ["permanent"] * 5 + ["delivered"]
     assert {o.code for o in outcomes[1:6]} == {"TARGET_REJECTED"}
     assert await db.rows(table) == [
-        (1, "ok", None, None, None), (7, "ok", None, None, None), (9, "taken", None, None, None)
+        (1, "ok", None, None, None),
+        (7, "ok", None, None, None),
+        (9, "taken", None, None, None),
     ]
     # Refused writes are not in the ledger: fixed data under the same id applies.
     assert await db.count(target.config["ledgerTable"], "id = '2'") == 0
@@ -227,8 +229,11 @@ async def test_postgres_type_errors_fail_alone(pg: Db, sql_target: Callable[...,
     db = pg  # SQLite would store "many" in an INTEGER column: nothing to refuse there
     table = await db.create_items()
     target = await sql_target(db, mode="rows", table=table, keyColumns=["id"])
-    batch = [w("1", {"id": 1, "name": "a", "qty": "many"}), w("2", {"id": 2, "name": "b"}),
-             w("3", {"id": 3, "name": {"not": "text"}})]
+    batch = [
+        w("1", {"id": 1, "name": "a", "qty": "many"}),
+        w("2", {"id": 2, "name": "b"}),
+        w("3", {"id": 3, "name": {"not": "text"}}),
+    ]
     outcomes = await target.deliver(batch)
     assert statuses(outcomes) == ["permanent", "delivered", "permanent"]
     assert "invalid input syntax for type integer" in outcomes[0].message
@@ -254,9 +259,11 @@ async def test_postgres_down_then_back(
 ) -> None:
     db = pg
     table = await db.create_items()
-    url = str(sa.engine.make_url(PG_URL).set(host="127.0.0.1", port=pg_proxy.port).render_as_string(
-        hide_password=False
-    ))
+    url = str(
+        sa.engine.make_url(PG_URL)
+        .set(host="127.0.0.1", port=pg_proxy.port)
+        .render_as_string(hide_password=False)
+    )
     target = await sql_target(db, url=url, mode="rows", table=table, keyColumns=["id"])
     assert statuses(await target.deliver([w("1", {"id": 1, "name": "a"})])) == ["delivered"]
     await pg_proxy.stop()
@@ -296,8 +303,11 @@ async def test_credentials_never_reach_messages_or_logs(
     outcomes: list[Outcome] = []
     for url in (
         f"postgresql+psycopg://wal:{secret}@127.0.0.1:{free_port()}/wal",  # nothing listens
-        str(sa.engine.make_url(pg_url).set(username="nobody", password=secret)
-            .render_as_string(hide_password=False)),  # no such role
+        str(
+            sa.engine.make_url(pg_url)
+            .set(username="nobody", password=secret)
+            .render_as_string(hide_password=False)
+        ),  # no such role
     ):
         target = SqlTarget("db", {"url": url}, Settings())
         await target.open()

@@ -1,0 +1,80 @@
+"""Stats: fold the per-batch deltas on ``wal-stats`` into the ``stats`` table.
+
+A batch's deltas are folded per namespace (each namespace's value is read and
+written once per batch), the table's changelog records are flushed to Kafka,
+and only then are the events acked. A record that is not a delta is logged
+and skipped: nothing on this topic stops the stream (faust #175).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from app import metrics
+from app.fleet import fleet
+from app.topics import stats_topic
+from tables.stats import NamespaceStats, fold, parse, stats
+
+#: Stats are not latency-critical: large batches, one table write per namespace each.
+BATCH = 2000
+WITHIN_S = 0.5
+
+
+@fleet.agent(stats_topic, concurrency=1)
+async def fold_stats(stream: Any) -> None:
+    """Fold every delta on ``wal-stats``; never raises."""
+    async for events in stream.noack_take(BATCH, WITHIN_S):
+        metrics.BATCH_SIZE.labels("stats").observe(len(events))
+        try:
+            _fold_batch(events, int(time.time() * 1000))
+        except Exception:  # a bug of ours: these counts are lost, the stream goes on
+            fleet.log.exception("stats: folding a batch of %d failed; skipped", len(events))
+        await _flush_until_durable()
+        for event in events:
+            await stream.ack(event)
+
+
+def _fold_batch(events: list[Any], now_ms: int) -> None:
+    values: dict[bytes, NamespaceStats] = {}
+    changed: set[bytes] = set()
+    malformed: list[str] = []
+    for event in events:
+        message = event.message
+        try:
+            d = parse(message.value)
+            if message.key != d.namespace.encode():  # its value lives in another partition
+                raise ValueError(f"key {message.key!r} is not the namespace {d.namespace!r}")
+        except ValueError as exc:
+            malformed.append(f"{message.topic}/{message.partition}/{message.offset}: {exc}")
+            continue
+        key = d.namespace.encode()
+        if key not in values:
+            values[key] = NamespaceStats.loads(stats.get(key))
+        if fold(values[key], d, partition=message.partition, offset=message.offset, now_ms=now_ms):
+            changed.add(key)
+    for key in changed:
+        stats[key] = values[key].dumps()
+    if malformed:
+        fleet.log.warning(
+            "stats: skipped %d records that are not deltas (first: %s)",
+            len(malformed),
+            malformed[0][:300],
+        )
+    fleet.log.debug("stats: folded %d deltas into %d namespaces", len(events), len(changed))
+
+
+async def _flush_until_durable() -> None:
+    """Wait until the table's changelog writes are acknowledged; retry while Kafka is away."""
+    delay = 0.2
+    while True:
+        try:
+            await fleet.producer.flush()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            fleet.log.warning("stats: flushing the changelog failed (%s); retrying", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -1,0 +1,290 @@
+"""Offsets: what this worker is assigned, how far behind it is, and what waits in Kafka.
+
+* :func:`assignment` and :func:`consumer_lag` read this worker's Faust consumer
+  (cheap: no broker round trip); a timer keeps ``wal_consumer_lag`` current.
+* :func:`members` is the group as Faust's partition assignor last saw it: each
+  worker's web URL with the partitions it was given.
+* :class:`Probe` asks the brokers for what is in Kafka for the whole fleet -
+  records in the delay tiers the group has not committed yet, records in a
+  dead-letter topic - with its own clients, cached for a moment.
+* :class:`CommitProgress` tells readiness whether commits keep up with acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping
+from typing import Any, cast
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from app import metrics, topics
+from app.fleet import fleet, settings
+from app.settings import Settings
+
+#: How often ``wal_consumer_lag`` is refreshed.
+LAG_INTERVAL_S = 5.0
+
+
+def _consumer() -> Any:
+    return cast(Any, fleet.consumer)
+
+
+def _source_tps() -> list[Any]:
+    """This worker's assigned partitions of the topics its agents read (not changelogs)."""
+    changelogs = fleet.tables.changelog_topics
+    return sorted(tp for tp in _consumer().assignment() if tp.topic not in changelogs)
+
+
+def assignment() -> dict[str, list[int]]:
+    """Topic → partitions this worker consumes (agents' topics, not table changelogs)."""
+    out: dict[str, list[int]] = {}
+    for tp in _source_tps():
+        out.setdefault(tp.topic, []).append(tp.partition)
+    return out
+
+
+def table_partitions() -> dict[str, list[int]]:
+    """Changelog topic → partitions whose table state is active on this worker."""
+    assignor: Any = fleet.assignor
+    out: dict[str, list[int]] = {}
+    for tp in sorted(assignor.assigned_actives()):
+        if tp.topic in fleet.tables.changelog_topics:
+            out.setdefault(tp.topic, []).append(tp.partition)
+    return out
+
+
+def consumer_lag() -> dict[str, dict[int, int]]:
+    """Topic → partition → records behind: high watermark minus the committed offset.
+
+    Before the group's first commit of a partition, its log start offset (as the
+    lag timer last saw it) stands in for the committed offset. Partitions not
+    fetched from yet (no high watermark) and those without either are left out.
+    """
+    consumer = _consumer()
+    out: dict[str, dict[int, int]] = {}
+    for tp in _source_tps():
+        high = consumer.highwater(tp)
+        committed = consumer._committed_offset.get(tp)  # Faust's own bookkeeping
+        done = _log_start.get(tp) if committed is None else committed
+        if high is None or done is None:
+            continue
+        out.setdefault(tp.topic, {})[tp.partition] = max(0, high - done)
+    return out
+
+
+#: Log start offsets of assigned partitions the group has never committed.
+_log_start: dict[Any, int] = {}
+
+
+async def _learn_log_starts() -> None:
+    consumer = _consumer()
+    never = [tp for tp in _source_tps() if consumer._committed_offset.get(tp) is None]
+    _log_start.clear()
+    if never:
+        _log_start.update(await probe.log_starts(never))
+
+
+def members() -> list[dict[str, Any]]:
+    """Every member of the group, by web URL, with the partitions the assignor gave it."""
+    router: Any = fleet.router
+    sources = router.external_topics_metadata()
+    tables = router.tables_metadata()
+    return [
+        {
+            "url": url,
+            "partitions": _sorted(sources.get(url, {})),
+            "tables": _sorted(tables.get(url, {})),
+        }
+        for url in sorted(set(sources) | set(tables))
+    ]
+
+
+def _sorted(by_topic: Mapping[str, Any]) -> dict[str, list[int]]:
+    return {t: sorted(ps) for t, ps in sorted(by_topic.items()) if ps}
+
+
+@fleet.timer(LAG_INTERVAL_S)
+async def refresh_lag() -> None:
+    """Keep ``wal_consumer_lag`` and commit progress current; never raises."""
+    try:
+        await _learn_log_starts()
+        lag = consumer_lag()
+        _publish_lag(lag)
+        progress.observe(_committed(), _pending_acks(), time.monotonic())
+    except Exception:
+        fleet.log.exception("refreshing consumer lag failed")
+
+
+_published: set[tuple[str, str]] = set()
+
+
+def _publish_lag(lag: Mapping[str, Mapping[int, int]]) -> None:
+    current = set()
+    for topic, parts in lag.items():
+        for partition, n in parts.items():
+            labels = (topic, str(partition))
+            metrics.CONSUMER_LAG.labels(*labels).set(n)
+            current.add(labels)
+    for labels in _published - current:  # revoked partitions leave the gauge
+        with contextlib.suppress(KeyError):
+            metrics.CONSUMER_LAG.remove(*labels)
+    _published.clear()
+    _published.update(current)
+
+
+# -- commit progress (readiness) -------------------------------------------------------------
+
+
+class CommitProgress:
+    """Whether commits keep up: acked offsets never wait longer than ``limit_s`` to commit.
+
+    ``observe`` is called every few seconds (the lag timer) and on each readiness
+    check. Progress is any change of the committed offsets, or having nothing
+    acked that waits for a commit (idle is fine).
+    """
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self._committed: dict[Any, int] = {}
+        self._since = time.monotonic()
+
+    def observe(self, committed: Mapping[Any, int], pending: bool, now: float) -> None:
+        if not pending or dict(committed) != self._committed:
+            self._committed = dict(committed)
+            self._since = now
+
+    def stalled(self, now: float) -> bool:
+        return now - self._since > self.limit_s
+
+    def stalled_for(self, now: float) -> float:
+        return max(0.0, now - self._since)
+
+
+progress = CommitProgress(limit_s=max(30.0, 10 * settings.commit_interval_s))
+
+
+def _committed() -> dict[Any, int]:
+    return {tp: o for tp, o in _consumer()._committed_offset.items() if o is not None}
+
+
+def _pending_acks() -> bool:
+    """Are there acked offsets of assigned partitions that are not committed yet?"""
+    acked = _consumer()._acked  # Faust's own bookkeeping: acked, not yet committed
+    return any(acked.get(tp) for tp in _source_tps())
+
+
+def commits_advancing() -> bool:
+    now = time.monotonic()
+    progress.observe(_committed(), _pending_acks(), now)
+    return not progress.stalled(now)
+
+
+# -- what waits in Kafka ---------------------------------------------------------------------
+
+
+class Probe:
+    """Broker-side offsets with its own clients (started on first use), cached briefly."""
+
+    def __init__(self, s: Settings, ttl_s: float = 2.0, timeout_s: float = 3.0) -> None:
+        self.settings = s
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self._admin: AIOKafkaAdminClient | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._lock = asyncio.Lock()
+        self._cache: dict[str, tuple[float, Any]] = {}
+
+    async def delay_backlog(self) -> dict[str, Any]:
+        """Records in the delay tiers (delays and retries) the group has not committed."""
+        tiers = [topics.NAMES[f"delay-{topics.tier_name(t)}"] for t in topics.DELAY_TIERS]
+        by_topic = await self._cached("backlog", lambda: self._uncommitted(tiers))
+        return {"total": sum(by_topic.values()), "byTopic": by_topic}
+
+    async def depth(self, topic: str) -> int | None:
+        """Records in ``topic`` (end minus beginning offsets); None if it does not exist."""
+        return cast(int | None, await self._cached(f"depth:{topic}", lambda: self._depth(topic)))
+
+    async def log_starts(self, tps: list[Any]) -> dict[Any, int]:
+        """First offsets of these partitions (not cached: the lag timer asks)."""
+        async with self._lock:
+            await self._start()
+            assert self._consumer is not None
+            wanted = [TopicPartition(tp.topic, tp.partition) for tp in tps]
+            starts = await asyncio.wait_for(
+                self._consumer.beginning_offsets(wanted), self.timeout_s
+            )
+        return {(tp.topic, tp.partition): offset for tp, offset in starts.items()}
+
+    async def _cached(self, key: str, compute: Any) -> Any:
+        hit = self._cache.get(key)
+        if hit is not None and time.monotonic() - hit[0] < self.ttl_s:
+            return hit[1]
+        async with self._lock:
+            await self._start()
+            value = await asyncio.wait_for(compute(), self.timeout_s)
+        self._cache[key] = (time.monotonic(), value)
+        return value
+
+    async def _start(self) -> None:
+        if self._admin is not None and self._consumer is not None:
+            return
+        security = topics.admin_security(self.settings)
+        servers = self.settings.bootstrap_servers
+        admin = AIOKafkaAdminClient(bootstrap_servers=servers, **security)
+        consumer = AIOKafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, **security)
+        await admin.start()
+        try:
+            await consumer.start()
+        except BaseException:
+            await admin.close()
+            raise
+        self._admin, self._consumer = admin, consumer
+
+    async def _partitions(self, topic: str) -> list[TopicPartition]:
+        assert self._consumer is not None
+        parts = self._consumer.partitions_for_topic(topic)
+        if parts is None:
+            await self._consumer._client.force_metadata_update()
+            parts = self._consumer.partitions_for_topic(topic)
+        return [TopicPartition(topic, p) for p in sorted(parts or ())]
+
+    async def _uncommitted(self, names: list[str]) -> dict[str, int]:
+        assert self._admin is not None and self._consumer is not None
+        committed = await self._admin.list_consumer_group_offsets(self.settings.app_id)
+        out = {}
+        for topic in names:
+            tps = await self._partitions(topic)
+            ends = await self._consumer.end_offsets(tps) if tps else {}
+            out[topic] = sum(
+                max(0, ends[tp] - max(0, committed[tp].offset if tp in committed else 0))
+                for tp in tps
+            )
+        return out
+
+    async def _depth(self, topic: str) -> int | None:
+        assert self._consumer is not None
+        tps = await self._partitions(topic)
+        if not tps:
+            return None
+        ends = await self._consumer.end_offsets(tps)
+        starts = await self._consumer.beginning_offsets(tps)
+        return sum(ends[tp] - starts[tp] for tp in tps)
+
+    async def close(self) -> None:
+        admin, consumer, self._admin, self._consumer = self._admin, self._consumer, None, None
+        if consumer is not None:
+            await consumer.stop()
+        if admin is not None:
+            await admin.close()
+
+
+probe = Probe(settings)
+
+
+@fleet.on_before_shutdown.connect
+async def _close_probe(app: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+    await probe.close()

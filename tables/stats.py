@@ -1,0 +1,352 @@
+"""Stats: per-namespace counts, rates and end-to-end latency, folded from ``wal-stats``.
+
+The agents report what each batch did as small *delta* records on ``wal-stats``
+(:func:`delta`), keyed by namespace name and produced with the records the
+batch emits anyway, so a delta is durable before the batch's source offsets
+are committed. ``agents/stats.py`` folds them into the ``stats`` table:
+
+* totals per outcome (:data:`OUTCOMES`), and per target;
+* one bucket per minute for the last hour (at most :data:`MINUTES`), for rates
+  over 1 min, 5 min and 1 h;
+* a latency sketch: counts in fixed log-spaced buckets (:func:`bucket_of`),
+  for p50/p95/p99 within about 9 %, lifetime and per minute.
+
+Memory is bounded per namespace: 60 minute buckets, 128 latency buckets each,
+:data:`MAX_TARGETS` targets.
+
+Replays: each folded value remembers the last ``wal-stats`` offset it took per
+partition, so refolding a batch after a crash (the table's changelog may be
+ahead of the committed offsets) counts nothing twice. A delta emitted twice -
+its agent's batch replayed after a crash - does count twice: these are
+operational numbers, at-least-once; the targets' ledgers are the exact ones.
+
+The table is keyed by namespace name and uses the producer's partitioner, so
+its changelog partitions line up with ``wal-stats``'s: the worker that folds
+a namespace's deltas owns its value and answers its metrics view.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from app.fleet import fleet, settings
+from app.topics import NAMES, NAMESPACE, Record
+
+OUTCOMES = ("accepted", "rejected", "delivered", "retried", "dead_lettered", "dropped", "parked")
+MINUTES = 60
+MAX_TARGETS = 64
+#: Latency buckets: 0 holds < 1 ms; i >= 1 holds [2**((i-1)/4), 2**(i/4)) ms; the last
+#: one everything longer (2**(127/4) ms is about 41 days: delays last at most 7).
+LATENCY_BUCKETS = 128
+_STEPS_PER_OCTAVE = 4
+#: A delta stamped further than this ahead of the folding worker's clock (or older than
+#: the hour) counts in the totals only: a wrong clock must not push real minutes out.
+_CLOCK_SKEW_MS = 5 * 60_000
+#: Windows for rates and latency percentiles, in minutes.
+WINDOWS = {"1m": 1, "5m": 5, "1h": 60}
+
+Sketch = dict[int, int]
+
+stats = fleet.Table(
+    "stats",
+    key_type=bytes,
+    value_type=bytes,
+    partitions=settings.partitions,
+    use_partitioner=True,
+    help="Per-namespace totals, minute buckets and latency sketches (from wal-stats).",
+)
+
+
+# -- the delta record -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """What one batch did for one namespace (and, optionally, one of its targets)."""
+
+    namespace: str
+    at_ms: int
+    counts: dict[str, int]
+    target: str | None = None
+    latency: Sketch = field(default_factory=dict)
+
+
+def delta(
+    namespace: str,
+    *,
+    accepted: int = 0,
+    rejected: int = 0,
+    delivered: int = 0,
+    retried: int = 0,
+    dead_lettered: int = 0,
+    dropped: int = 0,
+    parked: int = 0,
+    target: str | None = None,
+    latency_ms: list[int] | None = None,
+    at_ms: int | None = None,
+) -> Record:
+    """The ``wal-stats`` record reporting one batch's outcomes for ``namespace``.
+
+    Append it to the records the batch emits (same acks). ``latency_ms`` are the
+    end-to-end latencies of the writes delivered; they travel as a sketch, so the
+    record stays small whatever the batch size. Zero counts are left out.
+    """
+    given = dict(
+        accepted=accepted,
+        rejected=rejected,
+        delivered=delivered,
+        retried=retried,
+        dead_lettered=dead_lettered,
+        dropped=dropped,
+        parked=parked,
+    )
+    value: dict[str, Any] = {
+        "ns": namespace,
+        "at": int(time.time() * 1000) if at_ms is None else at_ms,
+        "c": {k: v for k, v in given.items() if v},
+    }
+    if target:
+        value["t"] = target
+    if latency_ms:
+        value["l"] = {str(i): n for i, n in sketch(latency_ms).items()}
+    return Record(NAMES["stats"], namespace.encode(), orjson.dumps(value), {NAMESPACE: namespace})
+
+
+def parse(raw: bytes | None) -> Delta:
+    """A ``wal-stats`` value → :class:`Delta`; ValueError when it is not one."""
+    try:
+        data = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("ns"), str) or not data["ns"]:
+        raise ValueError("not a stats delta (no namespace)")
+    counts = data.get("c") or {}
+    latency = data.get("l") or {}
+    target = data.get("t")
+    at = data.get("at")
+    if not isinstance(counts, dict) or not isinstance(latency, dict) or not isinstance(at, int):
+        raise ValueError("not a stats delta (bad counts, latency or time)")
+    if target is not None and not isinstance(target, str):
+        raise ValueError("not a stats delta (bad target)")
+    return Delta(
+        namespace=data["ns"],
+        at_ms=at,
+        counts={k: _count(v) for k, v in counts.items() if k in OUTCOMES},
+        target=target or None,
+        latency={_bucket_index(k): _count(v) for k, v in latency.items()},
+    )
+
+
+def _count(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"not a count: {value!r}")
+    return value
+
+
+def _bucket_index(key: Any) -> int:
+    index = int(key)
+    if not 0 <= index < LATENCY_BUCKETS:
+        raise ValueError(f"latency bucket out of range: {key!r}")
+    return index
+
+
+# -- the latency sketch ---------------------------------------------------------------------
+
+
+def bucket_of(ms: float) -> int:
+    """The latency bucket of ``ms`` milliseconds."""
+    if ms < 1:
+        return 0
+    return min(LATENCY_BUCKETS - 1, math.floor(math.log2(ms) * _STEPS_PER_OCTAVE) + 1)
+
+
+def bucket_value(index: int) -> float:
+    """A bucket's representative latency: the geometric middle of its bounds (ms)."""
+    if index == 0:
+        return 0.5
+    return float(2 ** ((index - 0.5) / _STEPS_PER_OCTAVE))
+
+
+def sketch(latencies_ms: Iterable[float]) -> Sketch:
+    out: Sketch = {}
+    for ms in latencies_ms:
+        index = bucket_of(ms)
+        out[index] = out.get(index, 0) + 1
+    return out
+
+
+def merge(into: Sketch, other: Mapping[int, int]) -> Sketch:
+    for index, n in other.items():
+        into[index] = into.get(index, 0) + n
+    return into
+
+
+def percentiles(counts: Mapping[int, int], qs: Iterable[float] = (0.5, 0.95, 0.99)) -> dict:
+    """``{"count": n, "p50": ms, ...}`` from a sketch; percentiles are None when it is empty."""
+    total = sum(counts.values())
+    out: dict[str, Any] = {"count": total}
+    ordered = sorted(counts.items())
+    for q in qs:
+        name = f"p{round(q * 100):d}"
+        out[name] = None
+        rank, seen = max(1, math.ceil(q * total)), 0
+        for index, n in ordered:
+            seen += n
+            if total and seen >= rank:
+                out[name] = round(bucket_value(index), 1)
+                break
+    return out
+
+
+# -- the folded value -----------------------------------------------------------------------
+
+
+@dataclass
+class Minute:
+    counts: dict[str, int] = field(default_factory=dict)
+    latency: Sketch = field(default_factory=dict)
+
+
+@dataclass
+class NamespaceStats:
+    """The ``stats`` table's value for one namespace."""
+
+    totals: dict[str, int] = field(default_factory=dict)
+    targets: dict[str, dict[str, int]] = field(default_factory=dict)
+    minutes: dict[int, Minute] = field(default_factory=dict)  # minute (epoch s // 60) -> bucket
+    latency: Sketch = field(default_factory=dict)
+    offsets: dict[int, int] = field(default_factory=dict)  # wal-stats partition -> last folded
+    updated_ms: int = 0
+
+    def dumps(self) -> bytes:
+        return orjson.dumps(
+            {
+                "totals": self.totals,
+                "targets": self.targets,
+                "minutes": {
+                    str(m): {"c": b.counts, "l": _str_keys(b.latency)}
+                    for m, b in self.minutes.items()
+                },
+                "latency": _str_keys(self.latency),
+                "offsets": _str_keys(self.offsets),
+                "updated": self.updated_ms,
+            }
+        )
+
+    @classmethod
+    def loads(cls, raw: bytes | None) -> NamespaceStats:
+        if not raw:
+            return cls()
+        data = orjson.loads(raw)
+        return cls(
+            totals=data["totals"],
+            targets=data["targets"],
+            minutes={int(m): Minute(b["c"], _int_keys(b["l"])) for m, b in data["minutes"].items()},
+            latency=_int_keys(data["latency"]),
+            offsets=_int_keys(data["offsets"]),
+            updated_ms=data["updated"],
+        )
+
+
+def _str_keys(d: Mapping[int, int]) -> dict[str, int]:
+    return {str(k): v for k, v in d.items()}
+
+
+def _int_keys(d: Mapping[str, int]) -> dict[int, int]:
+    return {int(k): v for k, v in d.items()}
+
+
+def fold(value: NamespaceStats, d: Delta, *, partition: int, offset: int, now_ms: int) -> bool:
+    """Add one delta to ``value``; False (and no change) when this offset was folded before."""
+    if offset <= value.offsets.get(partition, -1):
+        return False
+    value.offsets[partition] = offset
+    _add(value.totals, d.counts)
+    if d.target and (d.target in value.targets or len(value.targets) < MAX_TARGETS):
+        _add(value.targets.setdefault(d.target, {}), d.counts)
+    merge(value.latency, d.latency)
+    minute = d.at_ms // 60_000
+    if now_ms // 60_000 - MINUTES < minute and d.at_ms <= now_ms + _CLOCK_SKEW_MS:
+        bucket = value.minutes.setdefault(minute, Minute())
+        _add(bucket.counts, d.counts)
+        merge(bucket.latency, d.latency)
+    prune(value, now_ms)
+    value.updated_ms = max(value.updated_ms, now_ms)
+    return True
+
+
+def _add(into: dict[str, int], counts: Mapping[str, int]) -> None:
+    for outcome, n in counts.items():
+        into[outcome] = into.get(outcome, 0) + n
+
+
+def prune(value: NamespaceStats, now_ms: int) -> None:
+    """Drop minute buckets that left the hour before ``now_ms`` (keeps at most 60)."""
+    oldest = now_ms // 60_000 - MINUTES + 1
+    for minute in [m for m in value.minutes if m < oldest]:
+        del value.minutes[minute]
+    while len(value.minutes) > MINUTES:  # stamped ahead of the clock, within the skew
+        del value.minutes[min(value.minutes)]
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def rates(value: NamespaceStats, now_ms: int) -> dict[str, dict[str, float]]:
+    """Per-second rates of each outcome over the trailing 1 min, 5 min and 1 h.
+
+    A minute bucket counts for the part of it inside the window, assuming its
+    events were spread evenly over its elapsed time.
+    """
+    now = now_ms / 1000
+    out: dict[str, dict[str, float]] = {}
+    for name, minutes in WINDOWS.items():
+        window = minutes * 60
+        sums: dict[str, float] = {}
+        for minute, bucket in value.minutes.items():
+            start = minute * 60
+            elapsed = min(60.0, now - start)
+            overlap = min(start + 60, now) - max(start, now - window)
+            if elapsed <= 0 or overlap <= 0:
+                continue
+            for outcome, n in bucket.counts.items():
+                sums[outcome] = sums.get(outcome, 0.0) + n * overlap / elapsed
+        out[name] = {k: round(v / window, 3) for k, v in sorted(sums.items())}
+    return out
+
+
+def latency_summary(value: NamespaceStats, now_ms: int) -> dict[str, dict[str, Any]]:
+    """End-to-end latency percentiles (ms) over the last 1, 5 and 60 minute buckets, and ever."""
+    current = now_ms // 60_000
+    out = {}
+    for name, minutes in WINDOWS.items():
+        window: Sketch = {}
+        for minute, bucket in value.minutes.items():
+            if current - minutes < minute <= current:
+                merge(window, bucket.latency)
+        out[name] = percentiles(window)
+    out["total"] = percentiles(value.latency)
+    return out
+
+
+def summary(namespace: str, value: NamespaceStats, now_ms: int) -> dict[str, Any]:
+    """What ``GET /wal/namespaces/{name}/metrics`` answers."""
+    return {
+        "namespace": namespace,
+        "totals": {o: value.totals.get(o, 0) for o in OUTCOMES},
+        "targets": {t: dict(sorted(c.items())) for t, c in sorted(value.targets.items())},
+        "rates": rates(value, now_ms),
+        "latencyMs": latency_summary(value, now_ms),
+        "updatedAt": value.updated_ms or None,
+    }
+
+
+def read(namespace: str) -> NamespaceStats:
+    """This worker's folded value for ``namespace`` (empty unless it owns the partition)."""
+    return NamespaceStats.loads(stats.get(namespace.encode()))

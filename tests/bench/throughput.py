@@ -1,0 +1,595 @@
+"""Throughput: raw consume, a hand-written pipeline and the WAL fleet on the same 1 KB requests.
+
+    .venv/bin/python -m tests.bench.throughput [--quick] [--out PATH] [-n N]
+
+N write requests of 1 KB are pre-loaded into a fresh ingest topic (own topic
+prefix, 8 partitions), then:
+
+a. raw consume - a plain aiokafka ``getmany`` loop reads them (msgs/s);
+b. hand-written - aiokafka consume → orjson parse + check → produce to a second
+   topic (acks=all) → consume it → COPY into a staging table and INSERT … ON
+   CONFLICT DO NOTHING into a table keyed by message id, committing offsets
+   after each write; one process, one event loop, like one worker;
+c. the fleet - ``wal worker`` processes (one, then two) deliver them into a
+   ``sql`` journal table; the rate counts from the moment every worker is ready
+   to the last row's ``delivered_at_ms``, over the rows written in that window;
+d. latency - one worker, a producer at a fixed rate stamping ``sentAtMs`` in
+   each payload; ``delivered_at_ms - sentAtMs`` per row → p50/p99.
+
+Every part has its own topic prefix and table, dropped afterwards, and a
+deadline: a part that runs out reports how far it got instead of hanging.
+Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from tests.integration.harness import BOOTSTRAP, PG_DSN, ROOT, Fleet, Worker, pg_query
+
+NAMESPACE = "bench"
+PARTITIONS = 8
+REQUEST_BYTES = 1024
+#: Product defaults where the test harness differs (it commits every 0.5 s).
+FLEET_ENV = {"WAL_COMMIT_INTERVAL_S": "1.0", "WAL_LOG_LEVEL": "warning"}
+SIZES = {"full": {"n": 200_000, "latency_s": 30}, "quick": {"n": 20_000, "latency_s": 20}}
+LATENCY_RATE = 5_000
+#: No new row for this long while some are missing: the run is reported as stalled.
+STALL_S = 20.0
+#: Record batch size of the pre-loaders: the Kafka clients' default (aiokafka, Java).
+#: With 512 KiB batches the fleet stalls on a backlog (see --batch-bytes).
+BATCH_BYTES = 16 * 1024
+
+
+class TimedOut(Exception):
+    """A bounded wait ran out; the message says after how long and how much was done."""
+
+    def __init__(self, what: str, seconds: float, done: int, total: int) -> None:
+        super().__init__(f"{what}: timed out after {seconds:.0f} s with {done} of {total} done")
+        self.done = done
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def write_request(
+    prefix: str,
+    seq: int,
+    size: int = REQUEST_BYTES,
+    *,
+    lifecycle: dict[str, Any] | None = None,
+    **fields: Any,
+) -> bytes:
+    """A write request of ``size`` bytes (padded), with a message id unique to the run;
+    ``fields`` go into the payload."""
+    payload: dict[str, Any] = {"seq": seq, **fields, "pad": ""}
+    body = {"namespace": NAMESPACE, "messageId": f"{prefix}-{seq}", "payload": payload}
+    if lifecycle:
+        body["lifecycle"] = lifecycle
+    raw = orjson.dumps(body)
+    if len(raw) < size:
+        payload["pad"] = "x" * (size - len(raw))
+        raw = orjson.dumps(body)
+    return raw
+
+
+def requests(prefix: str, n: int, size: int = REQUEST_BYTES) -> Iterator[bytes]:
+    return (write_request(prefix, i, size) for i in range(n))
+
+
+def journal_namespace(table: str) -> dict[str, Any]:
+    return {
+        "name": NAMESPACE,
+        "targets": [{"identifier": "pg", "type": "sql", "config": {"table": table}}],
+    }
+
+
+# -- Kafka -----------------------------------------------------------------------------------
+
+
+async def create_topics(*names: str, partitions: int = PARTITIONS) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
+    finally:
+        await admin.close()
+
+
+async def delete_topics(prefix: str) -> None:
+    """Delete every topic whose name starts with ``prefix`` (the run's own)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
+async def preload(
+    topic: str,
+    values: Iterable[bytes],
+    *,
+    partitions: int = PARTITIONS,
+    batch_bytes: int = BATCH_BYTES,
+    timeout: float = 300,
+) -> dict[str, Any]:
+    """Produce ``values`` as fast as a plain producer can: explicit batches, round robin."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=BOOTSTRAP, acks="all", max_batch_size=batch_bytes
+    )
+    await producer.start()
+    sent, started = 0, time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            pending: list[asyncio.Future[Any]] = []
+            batch, partition = producer.create_batch(), 0
+            for value in values:
+                if batch.append(key=None, value=value, timestamp=None) is None:
+                    pending.append(await producer.send_batch(batch, topic, partition=partition))
+                    batch, partition = producer.create_batch(), (partition + 1) % partitions
+                    batch.append(key=None, value=value, timestamp=None)
+                    if len(pending) >= 16:
+                        await asyncio.gather(*pending)
+                        pending.clear()
+                sent += 1
+            if batch.record_count():
+                pending.append(await producer.send_batch(batch, topic, partition=partition))
+            await asyncio.gather(*pending)
+    except TimeoutError:
+        raise TimedOut(f"preload of {topic}", timeout, sent, sent) from None
+    finally:
+        await producer.stop()
+    seconds = time.perf_counter() - started
+    return {
+        "messages": sent,
+        "batch_bytes": batch_bytes,
+        "seconds": round(seconds, 2),
+        "msgs_per_s": round(sent / seconds),
+    }
+
+
+async def paced(topic: str, prefix: str, rate: float, seconds: float) -> dict[str, Any]:
+    """Produce 1 KB requests at ``rate``/s for ``seconds``, each stamped with ``sentAtMs``."""
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=5)
+    await producer.start()
+    sent, started = 0, time.monotonic()
+    try:
+        pending: list[asyncio.Future[Any]] = []
+        while (elapsed := time.monotonic() - started) < seconds:
+            while sent < int(elapsed * rate):
+                stamp = int(time.time() * 1000)
+                value = write_request(prefix, sent, sentAtMs=stamp)
+                pending.append(await producer.send(topic, value))
+                sent += 1
+            if len(pending) >= 2_000:
+                await asyncio.wait_for(asyncio.gather(*pending), 60)
+                pending.clear()
+            await asyncio.sleep(0.005)
+        await asyncio.wait_for(asyncio.gather(*pending), 60)
+    except TimeoutError:
+        raise TimedOut(f"acks from {topic}", 60, sent, int(rate * seconds)) from None
+    finally:
+        await producer.stop()
+    took = time.monotonic() - started
+    return {"sent": sent, "seconds": round(took, 2), "achieved_msgs_per_s": round(sent / took)}
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+def journal_progress(table: str) -> tuple[int, int | None]:
+    """Rows in a journal table and the latest ``delivered_at_ms`` (0, None before it exists)."""
+    try:
+        count, last = pg_query(f'SELECT count(*), max(delivered_at_ms) FROM "{table}"')[0]
+    except psycopg.errors.UndefinedTable:
+        return 0, None
+    return int(count), last
+
+
+def drop_table(table: str) -> None:
+    pg_query(f'DROP TABLE IF EXISTS "{table}"')
+
+
+async def wait_rows(
+    table: str, n: int, timeout: float, workers: Iterable[Worker] = ()
+) -> tuple[int, int, dict[str, str]]:
+    """Poll until ``table`` holds ``n`` rows: (rows, last ``delivered_at_ms``, ``{}``).
+
+    When rows were arriving and then none came for STALL_S seconds, the rows so
+    far and ``{"incomplete": why}`` (the figures then cover what arrived);
+    :class:`TimedOut` at the deadline.
+    """
+    started = time.monotonic()
+    count, moved = 0, started
+    while time.monotonic() - started < timeout:
+        now_count, last = await asyncio.to_thread(journal_progress, table)
+        if last is not None and now_count >= n:
+            return now_count, last, {}
+        if now_count > count:
+            count, moved = now_count, time.monotonic()
+        elif last is not None and count and time.monotonic() - moved > STALL_S:
+            why = f"stalled at {count} of {n} rows in {table}: none new for {STALL_S:.0f} s"
+            print(f"[bench] {why}", file=sys.stderr, flush=True)
+            return count, last, {"incomplete": why}
+        for worker in workers:
+            worker.assert_alive()
+        await asyncio.sleep(1.0)
+    raise TimedOut(f"waiting for {n} rows in {table}", timeout, count, n)
+
+
+# -- a fleet of the run's own ----------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def bench_fleet(name: str) -> AsyncIterator[tuple[Fleet, str]]:
+    """A fresh prefix, group and journal table with the bench namespace applied; all removed
+    afterwards (worker logs are kept under var/bench-runs/ when something failed)."""
+    tmp = ROOT / "var" / "bench-runs" / f"{name}-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir(parents=True)
+    fleet = Fleet(tmp, partitions=PARTITIONS, extra_env=dict(FLEET_ENV))
+    table = f"bench_{fleet.prefix}"
+    failed = True
+    try:
+        await asyncio.to_thread(fleet.apply, journal_namespace(table))
+        yield fleet, table
+        failed = False
+    finally:
+        fleet.stop_all()
+        if failed:
+            for w in fleet.workers:
+                tail = "\n".join(line[:300] for line in w.tail(8).splitlines())
+                print(f"--- {w.log} (kept) ---\n{tail}", file=sys.stderr)
+        await asyncio.to_thread(drop_table, table)
+        await delete_topics(fleet.prefix)
+        if not failed:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- a. raw consume --------------------------------------------------------------------------
+
+
+async def raw_consume(topic: str, n: int, timeout: float) -> dict[str, Any]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, enable_auto_commit=False)
+    await consumer.start()
+    count = 0
+    try:
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        started = time.perf_counter()
+        while count < n:
+            if time.perf_counter() - started > timeout:
+                raise TimedOut("raw consume", timeout, count, n)
+            batches = await consumer.getmany(timeout_ms=100)
+            count += sum(len(records) for records in batches.values())
+        seconds = time.perf_counter() - started
+    finally:
+        await consumer.stop()
+    return {"messages": count, "seconds": round(seconds, 2), "msgs_per_s": round(count / seconds)}
+
+
+# -- b. hand-written pipeline ----------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    forwarded: int = 0
+    written: int = 0
+
+
+async def joined(consumer: AIOKafkaConsumer, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not consumer.assignment():
+        if time.monotonic() > deadline:
+            raise TimedOut("consumer group join", timeout, 0, 1)
+        await asyncio.sleep(0.05)
+
+
+def checked_id(value: bytes | None, fallback: str) -> bytes | None:
+    """The minimal validation: a JSON object with a string namespace and an object payload."""
+    try:
+        data = orjson.loads(value or b"")
+    except orjson.JSONDecodeError:
+        return None
+    if not (
+        isinstance(data, dict)
+        and isinstance(data.get("namespace"), str)
+        and isinstance(data.get("payload"), dict)
+    ):
+        return None
+    return str(data.get("messageId") or fallback).encode()
+
+
+async def forward(
+    consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, out: str, n: int, p: Progress
+) -> None:
+    """Stage 1: ingest → checked → ``out`` (same partition), offsets committed once acked."""
+    while p.forwarded < n:
+        batches = await consumer.getmany(timeout_ms=100, max_records=2_000)
+        pending, offsets = [], {}
+        for tp, records in batches.items():
+            batch = producer.create_batch()
+            for r in records:
+                key = checked_id(r.value, f"{tp.partition}-{r.offset}")
+                if key is None:
+                    continue  # a real pipeline would dead-letter it; the bench has none
+                if batch.append(key=key, value=r.value, timestamp=None) is None:
+                    pending.append(await producer.send_batch(batch, out, partition=tp.partition))
+                    batch = producer.create_batch()
+                    batch.append(key=key, value=r.value, timestamp=None)
+            if batch.record_count():
+                pending.append(await producer.send_batch(batch, out, partition=tp.partition))
+            offsets[tp] = records[-1].offset + 1
+            p.forwarded += len(records)
+        await asyncio.gather(*pending)
+        if offsets:
+            await consumer.commit(offsets)
+
+
+async def write(
+    consumer: AIOKafkaConsumer, conn: psycopg.AsyncConnection[Any], table: str, n: int,
+    p: Progress,
+) -> None:
+    """Stage 2: second topic → COPY into staging → INSERT … ON CONFLICT → commit, offsets."""
+    while p.written < n:
+        batches = await consumer.getmany(timeout_ms=100, max_records=2_000)
+        if not batches:
+            continue
+        now = str(int(time.time() * 1000)).encode()
+        lines, offsets = [], {}
+        for tp, records in batches.items():
+            for r in records:
+                payload = orjson.dumps(orjson.loads(r.value)["payload"]).replace(b"\\", b"\\\\")
+                lines.append(b"%s\t%s\t%s\n" % (r.key, payload, now))
+            offsets[tp] = records[-1].offset + 1
+        async with conn.cursor() as cur:
+            async with cur.copy("COPY staging FROM STDIN") as copy:
+                await copy.write(b"".join(lines))
+            await cur.execute(f'INSERT INTO "{table}" SELECT * FROM staging ON CONFLICT DO NOTHING')
+            inserted = cur.rowcount
+        await conn.commit()
+        await consumer.commit(offsets)
+        p.written += inserted
+
+
+async def hand_written(topic: str, prefix: str, n: int, timeout: float) -> dict[str, Any]:
+    out, table = f"{prefix}-hand-out", f"bench_{prefix}_hand"
+    await create_topics(out)
+    columns = "id text PRIMARY KEY, payload jsonb NOT NULL, delivered_at_ms bigint NOT NULL"
+    await asyncio.to_thread(pg_query, f'CREATE TABLE "{table}" ({columns})')
+    common: dict[str, Any] = {
+        "bootstrap_servers": BOOTSTRAP, "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+    }
+    source = AIOKafkaConsumer(topic, group_id=f"{prefix}-hand-1", **common)
+    second = AIOKafkaConsumer(out, group_id=f"{prefix}-hand-2", **common)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=5, max_batch_size=512 * 1024
+    )
+    conn = await psycopg.AsyncConnection.connect(PG_DSN, connect_timeout=10)
+    progress = Progress()
+    try:
+        await conn.execute(
+            f'CREATE TEMP TABLE staging (LIKE "{table}") ON COMMIT DELETE ROWS'
+        )
+        await conn.commit()
+        for client in (source, second, producer):
+            await client.start()
+        await asyncio.gather(joined(source), joined(second))
+        started = time.perf_counter()
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(
+                forward(source, producer, out, n, progress),
+                write(second, conn, table, n, progress),
+            )
+        seconds = time.perf_counter() - started
+    except TimeoutError:
+        raise TimedOut("hand-written pipeline", timeout, progress.written, n) from None
+    finally:
+        for client in (source, second, producer):
+            await client.stop()
+        await conn.close()
+        await asyncio.to_thread(drop_table, table)
+    rows = progress.written
+    return {"rows": rows, "seconds": round(seconds, 2), "msgs_per_s": round(rows / seconds)}
+
+
+# -- c. the fleet ----------------------------------------------------------------------------
+
+
+async def fleet_run(n: int, workers: int, timeout: float, batch_bytes: int) -> dict[str, Any]:
+    async with bench_fleet(f"fleet{workers}") as (fleet, table):
+        values = requests(fleet.prefix, n)
+        loaded = await preload(fleet.topic("ingest"), values, batch_bytes=batch_bytes)
+        spawned = time.time()
+        procs = [fleet.worker() for _ in range(workers)]
+        await asyncio.gather(*(w.ready(timeout=90) for w in procs))
+        ready = time.time()
+        at_ready, _ = await asyncio.to_thread(journal_progress, table)
+        rows, last_ms, stalled = await wait_rows(table, n, timeout, procs)
+    window = last_ms / 1000 - ready
+    return {
+        "workers": workers,
+        "rows": rows,
+        **stalled,
+        "preload_msgs_per_s": loaded["msgs_per_s"],
+        "startup_s": round(ready - spawned, 2),
+        "rows_at_ready": at_ready,
+        "seconds": round(window, 2),
+        "msgs_per_s": round((rows - at_ready) / window),
+        "spawn_to_last_row_s": round(last_ms / 1000 - spawned, 2),
+    }
+
+
+# -- d. latency ------------------------------------------------------------------------------
+
+
+async def latency(rate: int, seconds: int, timeout: float) -> dict[str, Any]:
+    async with bench_fleet("latency") as (fleet, table):
+        worker = fleet.worker()
+        await worker.ready(timeout=90)
+        producing = await paced(fleet.topic("ingest"), fleet.prefix, rate, seconds)
+        _, _, stalled = await wait_rows(table, producing["sent"], timeout, [worker])
+        lag = "delivered_at_ms - (payload->>'sentAtMs')::bigint"
+        p50, p99, worst = (
+            await asyncio.to_thread(
+                pg_query,
+                f"SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY {lag}),"
+                f" percentile_cont(0.99) WITHIN GROUP (ORDER BY {lag}), max({lag})"
+                f' FROM "{table}"',
+            )
+        )[0]
+    return {
+        "target_msgs_per_s": rate,
+        **producing,
+        **stalled,
+        "p50_ms": round(p50, 1),
+        "p99_ms": round(p99, 1),
+        "max_ms": int(worst),
+    }
+
+
+# -- the whole benchmark ---------------------------------------------------------------------
+
+
+def run_main(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """``asyncio.run``, where SIGTERM (like Ctrl-C) cancels the run, so its clean-up
+    (workers stopped, topics and tables dropped) still happens."""
+
+    async def cancellable() -> dict[str, Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await coro
+
+    try:
+        return asyncio.run(cancellable())
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        return {"cancelled": "stopped by a signal before it finished; cleaned up"}
+
+
+
+async def attempt(results: dict[str, Any], name: str, part: Any) -> None:
+    """Run one part; a timeout or failure is recorded in its place and the next part runs."""
+    print(f"[throughput] {name} …", file=sys.stderr, flush=True)
+    try:
+        results[name] = await part
+    except TimedOut as exc:
+        results[name] = {"timed_out": str(exc), "done": exc.done}
+    except (AssertionError, OSError, psycopg.Error) as exc:
+        results[name] = {"failed": f"{type(exc).__name__}: {str(exc)[-500:]}"}
+    print(f"[throughput] {name}: {results[name]}", file=sys.stderr, flush=True)
+
+
+async def run(n: int, latency_s: int, batch_bytes: int = BATCH_BYTES) -> dict[str, Any]:
+    prefix = f"b{uuid.uuid4().hex[:10]}"
+    topic = f"{prefix}-ingest"
+    results: dict[str, Any] = {"n": n, "request_bytes": REQUEST_BYTES, "partitions": PARTITIONS}
+    per_part = max(120.0, n / 500)  # a part slower than 500 msgs/s is reported as timed out
+    try:
+        await create_topics(topic)
+        values = requests(prefix, n)
+        await attempt(results, "preload", preload(topic, values, batch_bytes=batch_bytes))
+        await attempt(results, "raw_consume", raw_consume(topic, n, per_part))
+        await attempt(results, "hand_written", hand_written(topic, prefix, n, per_part))
+    finally:
+        await delete_topics(prefix)
+    await attempt(results, "fleet_1_worker", fleet_run(n, 1, per_part, batch_bytes))
+    await attempt(results, "fleet_2_workers", fleet_run(n, 2, per_part, batch_bytes))
+    await attempt(results, "latency", latency(LATENCY_RATE, latency_s, per_part))
+    results["ratios"] = ratios(results)
+    return results
+
+
+def ratios(r: dict[str, Any]) -> dict[str, float | None]:
+    def rate(name: str) -> float | None:
+        return r.get(name, {}).get("msgs_per_s")
+
+    def over(a: str, b: str) -> float | None:
+        x, y = rate(a), rate(b)
+        return round(x / y, 3) if x and y else None
+
+    return {
+        "fleet_2_workers/hand_written": over("fleet_2_workers", "hand_written"),
+        "fleet_1_worker/hand_written": over("fleet_1_worker", "hand_written"),
+        "fleet_1_worker/raw_consume": over("fleet_1_worker", "raw_consume"),
+        "fleet_2_workers/raw_consume": over("fleet_2_workers", "raw_consume"),
+    }
+
+
+def summarize(r: dict[str, Any]) -> str:
+    def line(label: str, name: str) -> str:
+        part = r.get(name, {})
+        if "msgs_per_s" in part:
+            note = f"  (INCOMPLETE: {part['incomplete']})" if "incomplete" in part else ""
+            return f"  {label:<34} {part['msgs_per_s']:>9,} msgs/s{note}"
+        return f"  {label:<34} {part.get('timed_out') or part.get('failed') or 'not run'}"
+
+    lines = [
+        f"throughput ({r.get('n')} requests of {r.get('request_bytes')} B, "
+        f"{r.get('partitions')} partitions)",
+        line("preload (plain producer)", "preload"),
+        line("a. raw consume", "raw_consume"),
+        line("b. hand-written pipeline", "hand_written"),
+        line("c. fleet, 1 worker", "fleet_1_worker"),
+        line("c. fleet, 2 workers", "fleet_2_workers"),
+    ]
+    lat = r.get("latency", {})
+    if "p50_ms" in lat:
+        lines.append(
+            f"  {'d. latency @ ' + str(lat['target_msgs_per_s']) + '/s, 1 worker':<34} "
+            f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms "
+            f"(sent {lat['achieved_msgs_per_s']}/s for {lat['seconds']} s)"
+            + (f"  (INCOMPLETE: {lat['incomplete']})" if "incomplete" in lat else "")
+        )
+    else:
+        lines.append(f"  {'d. latency':<34} {lat.get('timed_out') or lat.get('failed')}")
+    for name, value in (r.get("ratios") or {}).items():
+        lines.append(f"  {name:<34} {value if value is not None else 'n/a'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.throughput", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for smoke runs")
+    parser.add_argument("--out", default="var/bench-throughput.json")
+    parser.add_argument("-n", type=int, default=None, help="requests (default 200000, quick 20000)")
+    parser.add_argument("--batch-bytes", type=int, default=BATCH_BYTES,
+                        help=f"record batch size of the pre-loads (default {BATCH_BYTES})")
+    args = parser.parse_args(argv)
+    sizes = SIZES["quick" if args.quick else "full"]
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    result = run_main(run(args.n or sizes["n"], sizes["latency_s"], args.batch_bytes))
+    result["at"] = started
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(summarize(result))
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Scaling a live fleet 1 → 3 → 1 while a stream runs: nothing lost, nothing applied twice.
+
+A producer keeps a steady few hundred requests a second flowing for the whole
+test; rows-mode SQL *inserts* into a table without a unique key, so only the
+target's ledger keeps a replayed write (partitions move twice) from doubling.
+A poller asks the surviving worker's views every half second throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.harness import (
+    BOOTSTRAP,
+    Fleet,
+    Worker,
+    eventually,
+    group_lag,
+    pg_count,
+    pg_query,
+    request,
+)
+from tests.integration.ops.conftest import Settled
+
+pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
+
+RATE_PER_S = 300
+TICK_S = 0.1
+
+
+@dataclass
+class Stream:
+    """A producer at a steady rate until stopped; counts what Kafka acknowledged."""
+
+    topic: str
+    sent: int = 0
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=5)
+        await producer.start()
+        try:
+            per_tick = int(RATE_PER_S * TICK_S)
+            next_tick = time.monotonic()
+            while not self.stop.is_set():
+                batch = range(self.sent, self.sent + per_tick)
+                futures = [
+                    await producer.send(
+                        self.topic, request("orders", {"seq": i, "body": "b" * 100})
+                    )
+                    for i in batch
+                ]
+                await asyncio.gather(*futures)
+                self.sent += per_tick
+                next_tick += TICK_S
+                await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+        finally:
+            await producer.stop()
+
+
+@dataclass
+class Poller:
+    """GETs a worker's views every half second; remembers every answer that was not 200."""
+
+    worker: Worker
+    paths: tuple[str, ...] = ("/health/live", "/wal/namespaces")
+    answered: int = 0
+    failures: list[str] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        async with httpx.AsyncClient(base_url=self.worker.url, timeout=3.0) as client:
+            while not self.stop.is_set():
+                for path in self.paths:
+                    try:
+                        status = (await client.get(path)).status_code
+                    except httpx.HTTPError as exc:
+                        self.failures.append(f"{time.strftime('%X')} {path}: {exc!r}")
+                        continue
+                    self.answered += 1
+                    if status != 200:
+                        self.failures.append(f"{time.strftime('%X')} {path}: {status}")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), 0.5)
+
+
+async def delivered_by(worker: Worker) -> float:
+    """``wal_messages_total{stage="deliver", outcome="delivered"}`` of one worker."""
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        text = (await client.get(f"{worker.url}/metrics")).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "wal_messages_total"
+        and s.labels.get("stage") == "deliver"
+        and s.labels.get("outcome") == "delivered"
+    )
+
+
+async def test_scaling_one_three_one_under_load_delivers_each_message_once(
+    fleet: Fleet, settled: Settled
+) -> None:
+    fleet.partitions = 6
+    table = f"s_{fleet.prefix}"
+    pg_query(f'CREATE TABLE "{table}" (seq integer NOT NULL, body text NOT NULL)')
+    fleet.apply(
+        {
+            "name": "orders",
+            "targets": [
+                {
+                    "identifier": "pg",
+                    "type": "sql",
+                    "config": {"mode": "rows", "table": table, "operation": "insert"},
+                }
+            ],
+        }
+    )
+    first = await fleet.worker().ready()
+    stream, poller = Stream(fleet.topic("ingest")), Poller(first)
+    tasks = [asyncio.create_task(stream.run()), asyncio.create_task(poller.run())]
+    try:
+        await eventually(lambda: _rows_at_least(table, 500), timeout=60, what="first rows")
+
+        extra = [fleet.worker(), fleet.worker()]
+        for w in extra:
+            await w.ready(timeout=90)
+        await settled(first, 3)
+        scaled_at = pg_count(table)
+        await asyncio.sleep(8)
+        assert pg_count(table) > scaled_at, "nothing was delivered while three workers ran"
+        for w in extra:
+            assert await delivered_by(w) > 0, f"{w.url} took no share of the stream"
+
+        await asyncio.gather(*(asyncio.to_thread(w.stop) for w in extra))  # SIGTERM
+        await settled(first, 1)
+        await asyncio.sleep(5)
+    finally:
+        stream.stop.set()
+        poller.stop.set()
+        await asyncio.gather(*tasks)
+
+    total = stream.sent
+    assert total >= RATE_PER_S * 20, f"only {total} messages produced"
+    await eventually(lambda: _rows_at_least(table, total), timeout=180, what="every row")
+    await eventually(lambda: _committed(fleet), timeout=60, what="every offset committed")
+    count, distinct, low, high = pg_query(
+        f'SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM "{table}"'
+    )[0]
+    assert (count, distinct, low, high) == (total, total, 0, total - 1)
+    assert poller.failures == [], poller.failures[:10]
+    assert poller.answered >= 40, f"the views were asked only {poller.answered} times"
+    print(f"{total} messages through 1 → 3 → 1 workers; views answered {poller.answered} times")
+
+
+async def _rows_at_least(table: str, n: int) -> bool:
+    return pg_count(table) >= n
+
+
+async def _committed(fleet: Fleet) -> bool:
+    lag = await group_lag(fleet.prefix, [fleet.topic("ingest"), fleet.topic("deliver")])
+    return not any(lag.values())

@@ -1,0 +1,30 @@
+"""Readiness's commit check: acked offsets must be committed within a limit; idle is fine."""
+
+from __future__ import annotations
+
+from app.offsets import CommitProgress
+
+
+def test_idle_is_never_stalled() -> None:
+    progress = CommitProgress(limit_s=30)
+    for t in range(0, 600, 5):
+        progress.observe({"tp0": 10}, pending=False, now=float(t))
+        assert not progress.stalled(float(t))
+
+
+def test_pending_acks_without_a_commit_stall_after_the_limit() -> None:
+    progress = CommitProgress(limit_s=30)
+    progress.observe({"tp0": 10}, pending=False, now=0.0)
+    progress.observe({"tp0": 10}, pending=True, now=5.0)  # acked, not committed
+    assert not progress.stalled(30.0)
+    progress.observe({"tp0": 10}, pending=True, now=36.0)
+    assert progress.stalled(36.0)
+    progress.observe({"tp0": 11}, pending=True, now=37.0)  # a commit: moving again
+    assert not progress.stalled(37.0)
+
+
+def test_commits_that_keep_moving_are_fine_even_when_always_pending() -> None:
+    progress = CommitProgress(limit_s=30)
+    for t in range(0, 300, 5):
+        progress.observe({"tp0": t}, pending=True, now=float(t))
+        assert not progress.stalled(float(t))
