@@ -16,6 +16,7 @@ import faust
 from aiokafka.helpers import create_ssl_context
 from faust.sensors.prometheus import setup_prometheus_sensors
 
+from app import consumer
 from app.settings import Settings
 
 settings = Settings()
@@ -85,6 +86,7 @@ def _optional(**kwargs: Any) -> dict[str, Any]:
 
 
 fleet = create_app(settings)
+consumer.install(fleet)
 setup_prometheus_sensors(fleet, pattern="/metrics", name_prefix="faust")
 
 #: What a worker runs: every module of these packages, and the views.

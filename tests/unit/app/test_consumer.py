@@ -1,0 +1,40 @@
+"""The strict consumer never commits past an offset that was not acked."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from faust.types import TP
+from intervaltree import IntervalTree
+
+from app.consumer import StrictConsumer
+
+TP0 = TP("wal-ingest", 0)
+
+
+def consumer(acked: list[int], committed: int | None) -> StrictConsumer:
+    c = StrictConsumer.__new__(StrictConsumer)
+    c._acked = defaultdict(list, {TP0: sorted(acked)})
+    c._acked_index = defaultdict(set, {TP0: set(acked)})
+    c._committed_offset = defaultdict(lambda: None, {TP0: committed})
+    c._gap = defaultdict(IntervalTree)
+    return c
+
+
+def test_commits_a_run_that_follows_the_committed_offset() -> None:
+    assert consumer([10, 11, 12], committed=10)._new_offset(TP0) == 13
+
+
+def test_never_passes_one_missing_offset_at_the_head() -> None:
+    # Faust itself returns 13 here: 10 was never acked, and would be lost.
+    assert consumer([11, 12], committed=10)._new_offset(TP0) is None
+
+
+def test_stops_at_a_gap_in_the_middle() -> None:
+    assert consumer([10, 11, 13, 14], committed=10)._new_offset(TP0) == 12
+
+
+def test_a_known_gap_is_skipped() -> None:
+    c = consumer([12, 13], committed=10)
+    c._gap[TP0].addi(10, 12)  # offsets Faust knows are not there (markers, compaction)
+    assert c._new_offset(TP0) == 14
