@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,7 +35,7 @@ from app.errors import ConfigError
 from app.fleet import fleet, settings
 from app.models import Namespace, TargetDef, TargetRef, WriteRequest
 from app.topics import Record, deliver_topic
-from tables import ordering, transactions
+from tables import ordering, stats, transactions
 from tables.namespaces import lookup
 from targets import create as create_target
 from targets.base import Outcome, Target, Write, permanent
@@ -43,6 +43,10 @@ from targets.circuit import BREAKERS, guard
 
 #: ``wal_circuit_state`` values.
 CIRCUIT_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
+
+#: This batch's outcomes for ``wal-stats`` (the agent runs one batch at a time).
+_tally: Counter[tuple[str, str]] = Counter()
+_latencies: dict[tuple[str, str], list[int]] = defaultdict(list)
 
 #: How long a write parked behind its key waits before it asks again.
 PARK_MS = 1000
@@ -112,6 +116,7 @@ async def deliver(stream: Any) -> None:
         items = [_item(event) for event in events]
         follow_ups = [r for item in items if (r := _plan(item)) is not None]
         follow_ups += await _deliver_all(items)
+        follow_ups += _stats_deltas()
         if follow_ups:
             await topics.emit_until_durable(
                 follow_ups, what=f"{len(follow_ups)} retries/dead letters"
@@ -294,9 +299,7 @@ def _park(item: Item, identifier: str, seq: int | None) -> Record:
     due = int(time.time() * 1000) + PARK_MS
     headers: dict[str, str | None] = dict(item.headers)
     headers.update({topics.TARGET: identifier, topics.DUE_AT: str(due), topics.ORDER_SEQ: str(seq)})
-    metrics.MESSAGES.labels(
-        item.namespace.name if item.namespace else metrics.UNKNOWN, "deliver", "parked"
-    ).inc()
+    _count(item.namespace.name if item.namespace else metrics.UNKNOWN, "parked")
     return Record(topics.delay_topic_for(PARK_MS), item.key, item.raw, headers)
 
 
@@ -313,7 +316,7 @@ async def _deliver_group(
         return [permanent("TARGET_REJECTED", exc.message)] * len(members)
     with metrics.DELIVERY_SECONDS.labels(namespace_name, identifier).time():
         outcomes = await target.deliver([m.writes[identifier] for m in members])
-    _count_delivered(namespace_name, members, outcomes)
+    _count_delivered(namespace_name, identifier, members, outcomes)
     breaker = BREAKERS.get(f"{namespace_name}/{identifier}")
     if breaker is not None:
         metrics.CIRCUIT_STATE.labels(namespace_name, identifier).set(CIRCUIT_LEVELS[breaker.state])
@@ -342,7 +345,7 @@ def _after_failure(item: Item, identifier: str, outcome: Outcome) -> tuple[Recor
     if outcome.status == "retryable" and backoff.should_retry(policy, item.attempt, outcome.code):
         wait = backoff.delay_ms(policy, item.attempt, retry_after_s=outcome.retry_after)
         if now + wait < expires:
-            metrics.MESSAGES.labels(item.namespace.name, "deliver", "retried").inc()
+            _count(item.namespace.name, "retried")
             return _retry(item, identifier, outcome, now, wait), False
         code, message = "MESSAGE_EXPIRED", f"ttl passed before a retry; last {failure}"
     elif outcome.status == "retryable" and item.attempt >= policy.max_attempts:
@@ -370,17 +373,51 @@ def _retry(item: Item, identifier: str, outcome: Outcome, now: int, wait: int) -
     return Record(topics.delay_topic_for(wait), item.key, item.raw, headers)
 
 
-def _count_delivered(namespace: str, members: list[Item], outcomes: list[Outcome]) -> None:
+def _count(namespace: str, outcome: str, n: int = 1) -> None:
+    """Count outcomes in Prometheus and in this batch's stats delta."""
+    metrics.MESSAGES.labels(namespace, "deliver", outcome).inc(n)
+    _tally[(namespace, outcome)] += n
+
+
+def _count_delivered(
+    namespace: str, identifier: str, members: list[Item], outcomes: list[Outcome]
+) -> None:
     now = time.time()
-    delivered = 0
     latency = metrics.END_TO_END_SECONDS.labels(namespace)
+    waits = _latencies[(namespace, identifier)]
     for member, outcome in zip(members, outcomes, strict=True):
         if outcome.ok:
-            delivered += 1
             received = member.headers.get(topics.RECEIVED_AT)
             if received:
-                latency.observe(max(0.0, now - int(received) / 1000))
-    metrics.MESSAGES.labels(namespace, "deliver", "delivered").inc(delivered)
+                seconds = max(0.0, now - int(received) / 1000)
+                latency.observe(seconds)
+                waits.append(int(seconds * 1000))
+    metrics.MESSAGES.labels(namespace, "deliver", "delivered").inc(len(waits))
+
+
+def _stats_deltas() -> list[Record]:
+    """This batch's outcomes as ``wal-stats`` records (durable with the batch's output)."""
+    records = [
+        stats.delta(ns, target=target, delivered=len(waits), latency_ms=waits)
+        for (ns, target), waits in _latencies.items()
+        if waits
+    ]
+    by_namespace: dict[str, dict[str, int]] = defaultdict(dict)
+    for (ns, outcome), n in _tally.items():
+        by_namespace[ns][outcome] = n
+    records += [
+        stats.delta(
+            ns,
+            retried=c.get("retried", 0),
+            dead_lettered=c.get("dead_lettered", 0),
+            dropped=c.get("dropped", 0),
+            parked=c.get("parked", 0),
+        )
+        for ns, c in by_namespace.items()
+    ]
+    _latencies.clear()
+    _tally.clear()
+    return records
 
 
 def _dead_letter(item: Item, code: str, message: str, target: str | None = None) -> Record | None:
@@ -388,7 +425,7 @@ def _dead_letter(item: Item, code: str, message: str, target: str | None = None)
     name = item.namespace.name if item.namespace else metrics.UNKNOWN
     metrics.DEAD_LETTERS.labels(name, code).inc()
     if _dlq_disabled(item):
-        metrics.MESSAGES.labels(name, "deliver", "dropped").inc()
+        _count(name, "dropped")
         fleet.log.warning(
             "dropped %s (DLQ disabled): %s: %s",
             item.headers.get(topics.MESSAGE_ID) or item.source,
@@ -396,7 +433,7 @@ def _dead_letter(item: Item, code: str, message: str, target: str | None = None)
             message,
         )
         return None
-    metrics.MESSAGES.labels(name, "deliver", "dead_lettered").inc()
+    _count(name, "dead_lettered")
     now = str(int(time.time() * 1000))
     headers: dict[str, str | None] = dict(item.headers)
     headers.update(

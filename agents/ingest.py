@@ -28,6 +28,7 @@ from app.errors import Rejected
 from app.fleet import fleet, settings
 from app.models import Mutation, Namespace, ShardStrategy, WriteRequest
 from app.topics import Record, ingest_topic
+from tables import stats
 from tables.namespaces import lookup
 
 #: Nothing larger is even parsed: the largest maxMessageSize a namespace may set.
@@ -288,6 +289,7 @@ async def ingest(stream: Any) -> None:
     async for events in stream.noack_take(settings.batch_size, settings.batch_within_ms / 1000):
         metrics.BATCH_SIZE.labels("ingest").observe(len(events))
         records = [_route(event) for event in events]
+        records += _stats_deltas(records)
         await topics.emit_until_durable(records, what=f"{len(records)} ingest records")
         for event in events:
             await stream.ack(event)
@@ -317,6 +319,20 @@ def _route(event: Any) -> Record:
         return dead_letter(internal, message.value, headers, source, message.key)
     metrics.MESSAGES.labels(admitted.namespace.name, "ingest", "accepted").inc()
     return deliver_record(admitted, message.value, headers, source, message.key)
+
+
+def _stats_deltas(records: list[Record]) -> list[Record]:
+    """The batch's accepted/rejected counts per namespace, as ``wal-stats`` records."""
+    counts: dict[str, dict[str, int]] = {}
+    for record in records:
+        name = record.headers.get(topics.NAMESPACE) or metrics.UNKNOWN
+        outcome = "rejected" if record.headers.get(topics.ERROR_CODE) else "accepted"
+        per = counts.setdefault(name, {})
+        per[outcome] = per.get(outcome, 0) + 1
+    return [
+        stats.delta(name, accepted=per.get("accepted", 0), rejected=per.get("rejected", 0))
+        for name, per in counts.items()
+    ]
 
 
 def _count_rejected(namespace: Namespace | None, code: str) -> None:

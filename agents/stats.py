@@ -1,20 +1,21 @@
 """Stats: fold the per-batch deltas on ``wal-stats`` into the ``stats`` table.
 
 A batch's deltas are folded per namespace (each namespace's value is read and
-written once per batch), the table's changelog records are flushed to Kafka,
-and only then are the events acked. A record that is not a delta is logged
-and skipped: nothing on this topic stops the stream (faust #175).
+written once per batch), the table's changelog records are emitted and
+acknowledged by Kafka (:func:`tables.changelog_record`), and only then are the
+events acked. A record that is not a delta is logged and skipped: nothing on
+this topic stops the stream (faust #175).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
-from app import metrics
+from app import metrics, topics
 from app.fleet import fleet
 from app.topics import stats_topic
+from tables import changelog_record
 from tables.stats import NamespaceStats, fold, parse, stats
 
 #: Stats are not latency-critical: large batches, one table write per namespace each.
@@ -28,15 +29,19 @@ async def fold_stats(stream: Any) -> None:
     async for events in stream.noack_take(BATCH, WITHIN_S):
         metrics.BATCH_SIZE.labels("stats").observe(len(events))
         try:
-            _fold_batch(events, int(time.time() * 1000))
+            folded = _fold_batch(events, int(time.time() * 1000))
         except Exception:  # a bug of ours: these counts are lost, the stream goes on
             fleet.log.exception("stats: folding a batch of %d failed; skipped", len(events))
-        await _flush_until_durable()
+            folded = {}
+        if folded:
+            records = [changelog_record(stats, key, value) for key, value in folded.items()]
+            await topics.emit_until_durable(records, what=f"{len(records)} stats values")
         for event in events:
             await stream.ack(event)
 
 
-def _fold_batch(events: list[Any], now_ms: int) -> None:
+def _fold_batch(events: list[Any], now_ms: int) -> dict[bytes, bytes]:
+    """The batch folded into the table's current values: namespace key → new value."""
     values: dict[bytes, NamespaceStats] = {}
     changed: set[bytes] = set()
     malformed: list[str] = []
@@ -54,8 +59,6 @@ def _fold_batch(events: list[Any], now_ms: int) -> None:
             values[key] = NamespaceStats.loads(stats.get(key))
         if fold(values[key], d, partition=message.partition, offset=message.offset, now_ms=now_ms):
             changed.add(key)
-    for key in changed:
-        stats[key] = values[key].dumps()
     if malformed:
         fleet.log.warning(
             "stats: skipped %d records that are not deltas (first: %s)",
@@ -63,18 +66,4 @@ def _fold_batch(events: list[Any], now_ms: int) -> None:
             malformed[0][:300],
         )
     fleet.log.debug("stats: folded %d deltas into %d namespaces", len(events), len(changed))
-
-
-async def _flush_until_durable() -> None:
-    """Wait until the table's changelog writes are acknowledged; retry while Kafka is away."""
-    delay = 0.2
-    while True:
-        try:
-            await fleet.producer.flush()
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            fleet.log.warning("stats: flushing the changelog failed (%s); retrying", exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    return {key: values[key].dumps() for key in changed}

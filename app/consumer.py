@@ -10,12 +10,15 @@ never processed: exactly the loss a write-ahead log must not allow.
 :class:`StrictConsumer` refuses to commit while the head of a partition's acked
 offsets does not follow the committed offset, unless Faust knows of a real gap
 there (compaction, transaction markers: ``_gap``). The partition's commits then
-wait for that record; the worker's readiness reports commits stalling, and a
-restart or rebalance re-reads from the committed offset - late, never lost.
+wait for that record, and :meth:`StrictConsumer.heal` (run by a timer) seeks a
+partition held that way for too long back to its committed offset, so the
+record is fetched and processed again - late, never lost. Records after it are
+delivered again too; the targets' idempotency absorbs that.
 """
 
 from __future__ import annotations
 
+from time import monotonic
 from typing import Any
 
 from faust.transport.drivers import aiokafka as driver
@@ -23,12 +26,38 @@ from faust.types import TP
 
 
 class StrictConsumer(driver.Consumer):
+    @property
+    def held(self) -> dict[TP, float]:
+        """Partitions whose commits wait for a record, and since when (monotonic)."""
+        return self.__dict__.setdefault("_held_since", {})
+
     def _new_offset(self, tp: TP) -> int | None:
         acked = self._acked[tp]
         committed = self._committed_offset[tp]
         if acked and committed is not None and not self._gap[tp] and min(acked) > committed:
+            self.held.setdefault(tp, monotonic())
             return None  # the record at `committed` was not acked: do not pass it
+        self.held.pop(tp, None)
         return super()._new_offset(tp)
+
+    async def heal(self, after: float) -> list[TP]:
+        """Re-read partitions held for ``after`` seconds or more from their committed offset."""
+        now = monotonic()
+        healed = []
+        for tp, since in list(self.held.items()):
+            if now - since < after:
+                continue
+            del self.held[tp]
+            committed = self._committed_offset[tp]
+            if committed is not None and tp in self.assignment():
+                self.log.warning(
+                    "%s: record at offset %s never reached its stream; re-reading from there",
+                    tp,
+                    committed,
+                )
+                await self.seek(tp, committed)
+                healed.append(tp)
+        return healed
 
 
 class StrictTransport(driver.Transport):

@@ -87,6 +87,17 @@ def _optional(**kwargs: Any) -> dict[str, Any]:
 
 fleet = create_app(settings)
 consumer.install(fleet)
+
+
+@fleet.timer(5.0)
+async def heal_held_partitions() -> None:
+    """Re-read any partition whose commits wait for a record Faust never delivered."""
+    try:
+        await fleet.consumer.heal(after=15.0)  # type: ignore[attr-defined]
+    except Exception:  # a timer that raises stops for good
+        fleet.log.exception("healing held partitions failed")
+
+
 setup_prometheus_sensors(fleet, pattern="/metrics", name_prefix="faust")
 
 #: What a worker runs: every module of these packages, and the views.

@@ -132,7 +132,9 @@ class Write(WalView):
                 topics.emit([record]), timeout=settings.http_produce_timeout_s
             )
         except Exception as exc:  # Kafka did not acknowledge: nothing was accepted
-            fleet.log.warning("POST /wal/write %s: produce failed: %r", rid, exc)
+            fleet.log.warning(
+                "POST /wal/write %s: produce failed: %r", rid, exc, extra={"request_id": rid}
+            )
             return self.fail(
                 request,
                 rid,

@@ -144,7 +144,7 @@ async def sustained(fleet: Fleet, table: str, worker: Worker, seconds: float, ra
     cpu, started = cpu_seconds(proc), time.monotonic()
     try:
         out["producer"] = await paced(fleet.topic("ingest"), fleet.prefix, rate, seconds)
-        _, _, stalled = await wait_rows(table, out["producer"]["sent"], 120, [worker])
+        _, _, stalled = await wait_rows(fleet, table, out["producer"]["sent"], 120)
         out.update(stalled)
         out["run_cpu_pct"] = round(100 * (cpu_seconds(proc) - cpu) / (time.monotonic() - started),
                                    1)

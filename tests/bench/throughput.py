@@ -43,7 +43,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from tests.integration.harness import BOOTSTRAP, PG_DSN, ROOT, Fleet, Worker, pg_query
+from tests.integration.harness import BOOTSTRAP, PG_DSN, ROOT, Fleet, group_lag, pg_query
 
 NAMESPACE = "bench"
 PARTITIONS = 8
@@ -53,7 +53,7 @@ FLEET_ENV = {"WAL_COMMIT_INTERVAL_S": "1.0", "WAL_LOG_LEVEL": "warning"}
 SIZES = {"full": {"n": 200_000, "latency_s": 30}, "quick": {"n": 20_000, "latency_s": 20}}
 LATENCY_RATE = 5_000
 #: No new row for this long while some are missing: the run is reported as stalled.
-STALL_S = 20.0
+STALL_S = 30.0
 #: Record batch size of the pre-loaders: the Kafka clients' default (aiokafka, Java).
 #: With 512 KiB batches the fleet stalls on a backlog (see --batch-bytes).
 BATCH_BYTES = 16 * 1024
@@ -212,13 +212,13 @@ def drop_table(table: str) -> None:
 
 
 async def wait_rows(
-    table: str, n: int, timeout: float, workers: Iterable[Worker] = ()
-) -> tuple[int, int, dict[str, str]]:
+    fleet: Fleet, table: str, n: int, timeout: float
+) -> tuple[int, int, dict[str, Any]]:
     """Poll until ``table`` holds ``n`` rows: (rows, last ``delivered_at_ms``, ``{}``).
 
-    When rows were arriving and then none came for STALL_S seconds, the rows so
-    far and ``{"incomplete": why}`` (the figures then cover what arrived);
-    :class:`TimedOut` at the deadline.
+    When rows were arriving and then none came for STALL_S seconds: the rows so
+    far and ``{"incomplete": why, "where": …}``, where the missing ones are (the
+    figures then cover what arrived). :class:`TimedOut` at the deadline.
     """
     started = time.monotonic()
     count, moved = 0, started
@@ -231,11 +231,30 @@ async def wait_rows(
         elif last is not None and count and time.monotonic() - moved > STALL_S:
             why = f"stalled at {count} of {n} rows in {table}: none new for {STALL_S:.0f} s"
             print(f"[bench] {why}", file=sys.stderr, flush=True)
-            return count, last, {"incomplete": why}
-        for worker in workers:
+            return count, last, {"incomplete": why, "where": await whereabouts(fleet)}
+        for worker in fleet.workers:
             worker.assert_alive()
         await asyncio.sleep(1.0)
     raise TimedOut(f"waiting for {n} rows in {table}", timeout, count, n)
+
+
+async def whereabouts(fleet: Fleet) -> dict[str, Any]:
+    """Records on each of the run's topics, and what the group has not committed on ingest."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP)
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()
+        topics = sorted(t for t in await consumer.topics() if t.startswith(f"{fleet.prefix}-"))
+        records = {}
+        for topic in topics:
+            tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+            records[topic.removeprefix(f"{fleet.prefix}-")] = sum(
+                (await consumer.end_offsets(tps)).values()
+            )
+    finally:
+        await consumer.stop()
+    lag = await group_lag(fleet.prefix, [fleet.topic("ingest")])
+    return {"records": records, "ingest_not_committed": lag[fleet.topic("ingest")]}
 
 
 # -- a fleet of the run's own ----------------------------------------------------------------
@@ -427,7 +446,7 @@ async def fleet_run(n: int, workers: int, timeout: float, batch_bytes: int) -> d
         await asyncio.gather(*(w.ready(timeout=90) for w in procs))
         ready = time.time()
         at_ready, _ = await asyncio.to_thread(journal_progress, table)
-        rows, last_ms, stalled = await wait_rows(table, n, timeout, procs)
+        rows, last_ms, stalled = await wait_rows(fleet, table, n, timeout)
     window = last_ms / 1000 - ready
     return {
         "workers": workers,
@@ -450,7 +469,7 @@ async def latency(rate: int, seconds: int, timeout: float) -> dict[str, Any]:
         worker = fleet.worker()
         await worker.ready(timeout=90)
         producing = await paced(fleet.topic("ingest"), fleet.prefix, rate, seconds)
-        _, _, stalled = await wait_rows(table, producing["sent"], timeout, [worker])
+        _, _, stalled = await wait_rows(fleet, table, producing["sent"], timeout)
         lag = "delivered_at_ms - (payload->>'sentAtMs')::bigint"
         p50, p99, worst = (
             await asyncio.to_thread(

@@ -14,6 +14,7 @@ import httpx
 import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
+from prometheus_client.parser import text_string_to_metric_families
 
 from tables.stats import delta
 from tests.integration.harness import Fleet, Worker, eventually, produce, request
@@ -171,3 +172,17 @@ async def test_status_shows_delay_backlog_dlq_depth_and_lag(fleet: Fleet, settle
         return total if total == 5 else None
 
     assert await eventually(lag_behind, timeout=30, what="lag of the sleeping tier") == 5
+
+    async def gauge() -> float | None:  # wal_consumer_lag, refreshed by a timer every 5 s
+        total = 0.0
+        for w in (first, second):
+            text = (await get(f"{w.url}/metrics")).text
+            total += sum(
+                s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name == "wal_consumer_lag" and s.labels["topic"] == fleet.topic("delay-15m")
+            )
+        return total if total == 5 else None
+
+    assert await eventually(gauge, timeout=30, what="wal_consumer_lag of the tier") == 5

@@ -38,3 +38,20 @@ def test_a_known_gap_is_skipped() -> None:
     c = consumer([12, 13], committed=10)
     c._gap[TP0].addi(10, 12)  # offsets Faust knows are not there (markers, compaction)
     assert c._new_offset(TP0) == 14
+
+
+async def test_a_held_partition_is_re_read_from_its_committed_offset() -> None:
+    c = consumer([11, 12], committed=10)
+    sought: list[tuple[TP, int]] = []
+
+    async def seek(tp: TP, offset: int) -> None:
+        sought.append((tp, offset))
+
+    c.seek = seek  # type: ignore[method-assign]
+    c.assignment = lambda: {TP0}  # type: ignore[method-assign]
+    c.log = __import__("logging").getLogger("test")
+    assert c._new_offset(TP0) is None and TP0 in c.held
+    assert await c.heal(after=60) == []  # not held long enough yet
+    c.held[TP0] -= 61
+    assert await c.heal(after=60) == [TP0]
+    assert sought == [(TP0, 10)] and TP0 not in c.held
