@@ -23,6 +23,7 @@ from typing import Any
 
 from faust.transport.drivers import aiokafka as driver
 from faust.types import TP
+from mode.utils.queues import FlowControlEvent
 
 
 class StrictConsumer(driver.Consumer):
@@ -60,10 +61,32 @@ class StrictConsumer(driver.Consumer):
         return healed
 
 
+class KeepingFlowControl(FlowControlEvent):
+    """Flow control that empties stream queues only when it resumes a suspended flow.
+
+    mode's ``FlowControlEvent.resume()`` clears every stream queue even when the
+    flow is already running. During a rebalance Faust resumes the flow early (a
+    GlobalTable with ``recovery_buffer_size=1`` does) and then once more after
+    seeking to the committed offsets, so the second resume throws away records
+    already queued for the agents: never acked, and then committed past as a
+    "gap". Clearing belongs to a resume that ends a suspension, when the
+    consumer is about to seek back over what the queues held.
+    """
+
+    def resume(self) -> None:
+        was_suspended = self._suspend.is_set()
+        self._suspend.clear()
+        self._resume.set()
+        if was_suspended:
+            self.clear()
+
+
 class StrictTransport(driver.Transport):
     Consumer = StrictConsumer
 
 
 def install(app: Any) -> None:
-    """Give ``app`` the strict transport (before anything has created its consumer)."""
+    """Give ``app`` the strict transport and flow control (before it creates streams)."""
     app.transport = StrictTransport(app.conf.broker_consumer, app)
+    assert "flow_control" not in app.__dict__, "install() must run before streams exist"
+    app.__dict__["flow_control"] = KeepingFlowControl(loop=app.loop)

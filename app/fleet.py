@@ -93,7 +93,7 @@ consumer.install(fleet)
 async def heal_held_partitions() -> None:
     """Re-read any partition whose commits wait for a record Faust never delivered."""
     try:
-        await fleet.consumer.heal(after=15.0)  # type: ignore[attr-defined]
+        await fleet.consumer.heal(after=10.0)  # type: ignore[attr-defined]
     except Exception:  # a timer that raises stops for good
         fleet.log.exception("healing held partitions failed")
 

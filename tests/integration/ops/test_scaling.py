@@ -150,11 +150,16 @@ async def test_scaling_one_three_one_under_load_delivers_each_message_once(
 
     total = stream.sent
     assert total >= RATE_PER_S * 20, f"only {total} messages produced"
-    await eventually(lambda: _rows_at_least(table, total), timeout=180, what="every row")
-    await eventually(lambda: _committed(fleet), timeout=60, what="every offset committed")
+    await eventually(lambda: _committed(fleet), timeout=180, what="every offset committed")
+    # Committed means delivered (deliver acks after the target's write): rows are all there,
+    # or some offset was committed past a message that never reached the target.
+    with contextlib.suppress(AssertionError):
+        await eventually(lambda: _rows_at_least(table, total), timeout=10, what="every row")
     count, distinct, low, high = pg_query(
         f'SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM "{table}"'
     )[0]
+    lost = sorted(set(range(total)) - {r[0] for r in pg_query(f'SELECT seq FROM "{table}"')})
+    assert lost == [], f"{len(lost)} of {total} never delivered (offsets committed): {lost[:20]}"
     assert (count, distinct, low, high) == (total, total, 0, total - 1)
     assert poller.failures == [], poller.failures[:10]
     assert poller.answered >= 40, f"the views were asked only {poller.answered} times"

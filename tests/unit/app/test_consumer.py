@@ -55,3 +55,19 @@ async def test_a_held_partition_is_re_read_from_its_committed_offset() -> None:
     c.held[TP0] -= 61
     assert await c.heal(after=60) == [TP0]
     assert sought == [(TP0, 10)] and TP0 not in c.held
+
+
+async def test_flow_control_keeps_queued_records_on_a_redundant_resume() -> None:
+    from mode.utils.queues import FlowControlQueue
+
+    from app.consumer import KeepingFlowControl
+
+    flow = KeepingFlowControl()
+    queue: FlowControlQueue[int] = FlowControlQueue(flow_control=flow, clear_on_resume=True)
+    flow.resume()  # it starts suspended: this resume may clear
+    await queue.put(1)
+    flow.resume()  # already running: mode's own event would drop the 1 here
+    assert queue.qsize() == 1
+    flow.suspend()
+    flow.resume()  # a real resume after a suspension clears, as before
+    assert queue.qsize() == 0
