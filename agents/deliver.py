@@ -23,6 +23,7 @@ replay change nothing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,8 @@ from tables.namespaces import lookup
 from targets import create as create_target
 from targets.base import Outcome, Target, Write, permanent
 from targets.circuit import BREAKERS, guard
+
+log = logging.getLogger("wal.deliver")
 
 #: ``wal_circuit_state`` values.
 CIRCUIT_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
@@ -123,7 +126,12 @@ async def deliver(stream: Any) -> None:
             )
         for event in events:
             await stream.ack(event)
-        fleet.log.debug("batch of %d: %d retried or dead-lettered", len(events), len(follow_ups))
+        log.info(
+            "delivered a batch of %d (%d follow-up records)",
+            len(events),
+            len(follow_ups),
+            extra={"agent": "deliver", "count": len(events)},
+        )
 
 
 def _item(event: Any) -> Item:
@@ -322,7 +330,7 @@ async def _deliver_group(
         metrics.CIRCUIT_STATE.labels(namespace_name, identifier).set(CIRCUIT_LEVELS[breaker.state])
     failed = [o for o in outcomes if not o.ok]
     if failed:
-        fleet.log.warning(
+        log.warning(
             "target %s/%s: %d of %d writes failed (first: %s: %s)",
             namespace_name,
             identifier,
@@ -330,6 +338,7 @@ async def _deliver_group(
             len(members),
             failed[0].code,
             failed[0].message,
+            extra={"namespace": namespace_name, "target": identifier},
         )
     return outcomes
 
@@ -426,11 +435,13 @@ def _dead_letter(item: Item, code: str, message: str, target: str | None = None)
     metrics.DEAD_LETTERS.labels(name, code).inc()
     if _dlq_disabled(item):
         _count(name, "dropped")
-        fleet.log.warning(
+        message_id = item.headers.get(topics.MESSAGE_ID)
+        log.warning(
             "dropped %s (DLQ disabled): %s: %s",
-            item.headers.get(topics.MESSAGE_ID) or item.source,
+            message_id or item.source,
             code,
             message,
+            extra={"message_id": message_id, "namespace": name},
         )
         return None
     _count(name, "dead_lettered")

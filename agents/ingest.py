@@ -15,6 +15,7 @@ targets apply it once.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from app.models import Mutation, Namespace, ShardStrategy, WriteRequest
 from app.topics import Record, ingest_topic
 from tables import stats
 from tables.namespaces import lookup
+
+log = logging.getLogger("wal.ingest")
 
 #: Nothing larger is even parsed: the largest maxMessageSize a namespace may set.
 HARD_SIZE_LIMIT = 16 * 1024 * 1024
@@ -293,6 +296,9 @@ async def ingest(stream: Any) -> None:
         await topics.emit_until_durable(records, what=f"{len(records)} ingest records")
         for event in events:
             await stream.ack(event)
+        log.info(
+            "ingested a batch of %d", len(events), extra={"agent": "ingest", "count": len(events)}
+        )
 
 
 def _route(event: Any) -> Record:
@@ -313,7 +319,11 @@ def _route(event: Any) -> Record:
         _count_rejected(namespace, rejected.code)
         return dead_letter(rejected, message.value, headers, source, message.key, namespace)
     except Exception as exc:  # a bug of ours must not stop the stream: dead-letter, loudly
-        fleet.log.exception("ingest: unexpected error admitting %s", source)
+        log.exception(
+            "unexpected error admitting %s",
+            source,
+            extra={"namespace": headers.get(topics.NAMESPACE)},
+        )
         internal = Rejected(f"internal error: {type(exc).__name__}", code="INTERNAL_ERROR")
         _count_rejected(None, internal.code)
         return dead_letter(internal, message.value, headers, source, message.key)
