@@ -37,7 +37,8 @@ stack-status: venv
 
 run: stack-up
 	@if test -f $(NAMESPACES); then $(VENV)/bin/wal namespaces apply -f $(NAMESPACES); fi
-	@echo "worker web: http://127.0.0.1:6066/wal/namespaces  metrics: http://127.0.0.1:6066/metrics"
+	@echo "dashboard: http://127.0.0.1:6066/wal/dashboard  namespaces: http://127.0.0.1:6066/wal/namespaces"
+	@echo "metrics:   http://127.0.0.1:6066/metrics        api: http://127.0.0.1:6066/wal/openapi.json"
 	@echo "logs: this terminal; stack logs: $(STACK) status"
 	exec $(VENV)/bin/wal worker
 
