@@ -127,6 +127,20 @@ class Target(ABC):
         return f"<{type(self).__name__} {self.name}>"
 
 
+#: What :func:`at_path` returns for a path the payload does not have.
+MISSING: Any = object()
+
+
+def at_path(payload: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted path in a payload (``payload.`` prefix optional), or MISSING."""
+    value: Any = payload
+    for part in path.removeprefix("payload.").split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return MISSING
+        value = value[part]
+    return value
+
+
 _ENV_REF = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)\}")
 
 

@@ -98,9 +98,11 @@ class HttpTarget(Target):
                 return permanent("TARGET_REJECTED", f"payload is not JSON: {exc}"[:300])
             except Exception as exc:
                 return retryable("TARGET_ERROR", f"unexpected {type(exc).__name__}")
-        return self._scrub(classify_response(
-            response.status_code, response.reason_phrase, response.headers.get("Retry-After")
-        ))
+        return self._scrub(
+            classify_response(
+                response.status_code, response.reason_phrase, response.headers.get("Retry-After")
+            )
+        )
 
     def _scrub(self, outcome: Outcome) -> Outcome:
         message = outcome.message

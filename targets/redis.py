@@ -41,13 +41,21 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from app.errors import ConfigError
-from targets.base import DELIVERED, Outcome, Target, Write, permanent, retryable
+from targets.base import (
+    DELIVERED,
+    MISSING,
+    Outcome,
+    Target,
+    Write,
+    at_path,
+    permanent,
+    retryable,
+)
 
 __all__ = ["RedisTarget"]
 
 _OPERATIONS = {"set", "del", "hset", "hdel", "incrby", "expire"}
 _WITH_TTL = {"set", "hset", "incrby"}
-_MISSING = object()
 
 # KEYS: marker, key. ARGV: marker TTL, operation, TTL ('' for none), operation arguments...
 _SCRIPT = """
@@ -139,13 +147,13 @@ class RedisTarget(Target):
         op = (item.operation or item.options.get("operation") or self.operation).lower()
         if op not in _OPERATIONS:
             raise _Invalid(f"unknown operation {op!r}")
-        key = _at_path(item.payload, self.key_path)
+        key = at_path(item.payload, self.key_path)
         if isinstance(key, bool) or not isinstance(key, (str, int)) or key == "":
             raise _Invalid(f"no key at {self.key_path!r}")
         prefix = _opt(item.options, "keyPrefix", "key_prefix", self.prefix)
         ttl = _opt(item.options, "ttlSeconds", "ttl_seconds", self.ttl)
-        value = _at_path(item.payload, self.value_path)
-        if value is _MISSING:
+        value = at_path(item.payload, self.value_path)
+        if value is MISSING:
             value = item.payload
         args = _arguments(op, value, ttl)
         marker = f"wal:applied:{item.namespace}:{self.name}:{item.id}"
@@ -236,15 +244,6 @@ def _encode(value: Any) -> bytes:
         return orjson.dumps(value)
     except TypeError as exc:
         raise _Invalid(f"value is not JSON: {exc}") from None
-
-
-def _at_path(payload: Mapping[str, Any], path: str) -> Any:
-    value: Any = payload
-    for part in path.removeprefix("payload.").split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return _MISSING
-        value = value[part]
-    return value
 
 
 def _opt(options: Mapping[str, Any], camel: str, snake: str, default: Any) -> Any:

@@ -39,10 +39,18 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from app.errors import ConfigError
-from targets.base import DELIVERED, Outcome, Target, Write, permanent, retryable
+from targets.base import (
+    DELIVERED,
+    MISSING,
+    Outcome,
+    Target,
+    Write,
+    at_path,
+    permanent,
+    retryable,
+)
 
 _OPERATIONS = {"insert", "upsert", "update", "delete"}
-_MISSING = object()
 
 
 class _Invalid(Exception):
@@ -193,8 +201,9 @@ class SqlTarget(Target):
         )
         # executemany + RETURNING: SQLAlchemy's "insertmanyvalues" sends one multi-row
         # INSERT from a cached compilation.
-        params = [{"namespace": p.write.namespace, "target": self.name, "id": p.write.id}
-                  for p in plans]
+        params = [
+            {"namespace": p.write.namespace, "target": self.name, "id": p.write.id} for p in plans
+        ]
         result = await conn.execute(stmt, params)
         return {(ns, i) for ns, i in result}
 
@@ -241,8 +250,11 @@ class _RowsSpec:
         if op not in _OPERATIONS:
             raise _Invalid(f"unknown operation {op!r}")
         if self.columns:
-            row = {c: v for c, path in self.columns.items()
-                   if (v := _at_path(item.payload, path)) is not _MISSING}
+            row = {
+                c: v
+                for c, path in self.columns.items()
+                if (v := at_path(item.payload, path)) is not MISSING
+            }
         else:
             row = dict(item.payload)
         unknown = sorted(set(row) - set(self.table.c.keys()))
@@ -285,8 +297,10 @@ class _RowsSpec:
             for shape in _by_columns(self._merged(rows)):
                 columns = [c for c in shape[0] if c not in self.keys]
                 values: dict[str, Any] = {c: sa.bindparam(f"v_{c}") for c in columns}
-                params = [{f"{'k' if c in self.keys else 'v'}_{c}": v for c, v in r.items()}
-                          for r in shape]
+                params = [
+                    {f"{'k' if c in self.keys else 'v'}_{c}": v for c, v in r.items()}
+                    for r in shape
+                ]
                 await conn.execute(table.update().where(where).values(values), params)
         else:
             where = sa.and_(*(table.c[k] == sa.bindparam(f"k_{k}") for k in self.keys))
@@ -350,15 +364,6 @@ def _by_columns(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     for row in rows:
         shapes.setdefault(tuple(sorted(row)), []).append(row)
     return list(shapes.values())
-
-
-def _at_path(payload: Mapping[str, Any], path: str) -> Any:
-    value: Any = payload
-    for part in path.removeprefix("payload.").split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return _MISSING
-        value = value[part]
-    return value
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -99,8 +99,13 @@ def load_result(out: Path, code: int) -> dict[str, Any]:
 
 
 def conditions(quick: bool) -> dict[str, Any]:
-    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
-                         capture_output=True, text=True, check=False)
+    git = subprocess.run(
+        ["git", "describe", "--always", "--dirty"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": quick,
@@ -118,16 +123,21 @@ def summary(name: str, result: dict[str, Any]) -> str:
         reason = next(k for k in REASONS if k in result)
         return f"{name}: {reason.replace('_', ' ')}: {result[reason]}"
     if name == "sink":
-        return (f"sink: SQL target {result.get('sql_target_rows_per_s')} rows/s, "
-                f"COPY {result.get('copy_rows_per_s')} rows/s, ratio {result.get('ratio')}")
+        return (
+            f"sink: SQL target {result.get('sql_target_rows_per_s')} rows/s, "
+            f"COPY {result.get('copy_rows_per_s')} rows/s, ratio {result.get('ratio')}"
+        )
     module = importlib.import_module(f"tests.bench.{name}")
     text: str = module.summarize(result)
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, for smoke runs")
     parser.add_argument("--only", default="", help=f"comma-separated: {', '.join(BENCHES)}")
     parser.add_argument("--out", default="var/bench.json")

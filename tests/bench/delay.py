@@ -22,12 +22,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -38,8 +36,9 @@ from tests.bench.throughput import (
     BOOTSTRAP,
     TimedOut,
     bench_fleet,
+    finish,
     preload,
-    run_main,
+    run_reported,
     write_request,
 )
 from tests.integration.harness import Fleet
@@ -67,7 +66,10 @@ async def delay_partitions(consumer: AIOKafkaConsumer, prefix: str) -> list[Topi
 
 
 async def watch(
-    m: int, parked: Callable[[], Any], proc: psutil.Process, producing: asyncio.Task[Any],
+    m: int,
+    parked: Callable[[], Any],
+    proc: psutil.Process,
+    producing: asyncio.Task[Any],
     deadline_s: float,
 ) -> tuple[dict[str, dict[str, float]], str | None]:
     """Poll the parked count every 0.5 s; RSS when it crosses each milestone, until all are
@@ -130,7 +132,11 @@ async def run(m: int, settle_s: float) -> dict[str, Any]:
 
 
 async def park(
-    m: int, settle_s: float, fleet: Fleet, proc: psutil.Process, consumer: AIOKafkaConsumer,
+    m: int,
+    settle_s: float,
+    fleet: Fleet,
+    proc: psutil.Process,
+    consumer: AIOKafkaConsumer,
     values: list[bytes],
 ) -> dict[str, Any]:
     """Produce the requests and watch them being parked; RSS samples, milestones, settled."""
@@ -143,9 +149,7 @@ async def park(
     stop = asyncio.Event()
     result["samples"] = samples = []
     sampler = asyncio.create_task(sample(proc, parked, samples, stop, "delay"))
-    producing = asyncio.create_task(
-        preload(fleet.topic("ingest"), values, timeout=PARK_DEADLINE_S)
-    )
+    producing = asyncio.create_task(preload(fleet.topic("ingest"), values, timeout=PARK_DEADLINE_S))
     try:
         result["milestones"], stalled = await watch(m, parked, proc, producing, PARK_DEADLINE_S)
         result["parked"] = await parked()
@@ -177,8 +181,9 @@ def slopes(r: dict[str, Any]) -> dict[str, float | None]:
     if "10%" in marks and "100%" in marks:
         a, b = marks["10%"], marks["100%"]
         if b["parked"] > a["parked"]:
-            two_point = round((b["rss_mib"] - a["rss_mib"]) / (b["parked"] - a["parked"])
-                              * 100_000, 3)
+            two_point = round(
+                (b["rss_mib"] - a["rss_mib"]) / (b["parked"] - a["parked"]) * 100_000, 3
+            )
     return {
         "slope_mib_per_100k": slope_per_100k(points),
         "slope_10_to_100_mib_per_100k": two_point,
@@ -196,12 +201,16 @@ def summarize(r: dict[str, Any]) -> str:
     ]
     took = marks.get("100%", {}).get("t_s")
     if took:
-        lines.append(f"  all parked after {took} s ({round(r['m'] / took)} msgs/s); "
-                     f"producer {r['producer']['msgs_per_s']:,} msgs/s")
+        lines.append(
+            f"  all parked after {took} s ({round(r['m'] / took)} msgs/s); "
+            f"producer {r['producer']['msgs_per_s']:,} msgs/s"
+        )
     if "settled" in r:
         lines.append(f"  RSS {r['settled']['after_s']} s later: {r['settled']['rss_mib']} MiB")
-    lines.append(f"  slope {r['slope_mib_per_100k']} MiB per 100 000 parked (least squares), "
-                 f"{r['slope_10_to_100_mib_per_100k']} (10 %→100 %)")
+    lines.append(
+        f"  slope {r['slope_mib_per_100k']} MiB per 100 000 parked (least squares), "
+        f"{r['slope_10_to_100_mib_per_100k']} (10 %→100 %)"
+    )
     for key in ("incomplete", "timed_out"):
         if key in r:
             lines.append(f"  {key.upper()}: {r[key]}")
@@ -209,27 +218,19 @@ def summarize(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.delay", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.delay",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="M = 50000")
     parser.add_argument("--out", default="var/bench-delay.json")
     parser.add_argument("-m", type=int, default=None, help="delayed requests (1000000)")
     args = parser.parse_args(argv)
     sizes = SIZES["quick" if args.quick else "full"]
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    try:
-        result = run_main(run(args.m or sizes["m"], sizes["settle_s"]))
-    except TimedOut as exc:
-        result = {"timed_out": str(exc)}
-    except AssertionError as exc:
-        result = {"failed": f"AssertionError: {str(exc)[-500:]}"}
-    result["at"] = started
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(summarize(result))
-    print(f"written to {out}")
-    return 0
+    result = run_reported(run(args.m or sizes["m"], sizes["settle_s"]))
+    return finish(result, started, args.out, summarize)
 
 
 if __name__ == "__main__":

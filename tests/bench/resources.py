@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -32,9 +30,10 @@ import psutil
 from tests.bench.throughput import (
     TimedOut,
     bench_fleet,
+    finish,
     journal_progress,
     paced,
-    run_main,
+    run_reported,
     wait_rows,
 )
 from tests.integration.harness import Fleet, Worker
@@ -128,8 +127,9 @@ async def run(idle_s: float, run_s: float, rate: int) -> dict[str, Any]:
     return result
 
 
-async def sustained(fleet: Fleet, table: str, worker: Worker, seconds: float, rate: int
-                    ) -> dict[str, Any]:
+async def sustained(
+    fleet: Fleet, table: str, worker: Worker, seconds: float, rate: int
+) -> dict[str, Any]:
     """Produce at ``rate`` for ``seconds`` while sampling the worker; wait for the rows."""
     assert worker.proc is not None
     proc = psutil.Process(worker.proc.pid)
@@ -146,8 +146,9 @@ async def sustained(fleet: Fleet, table: str, worker: Worker, seconds: float, ra
         out["producer"] = await paced(fleet.topic("ingest"), fleet.prefix, rate, seconds)
         _, _, stalled = await wait_rows(fleet, table, out["producer"]["sent"], 120)
         out.update(stalled)
-        out["run_cpu_pct"] = round(100 * (cpu_seconds(proc) - cpu) / (time.monotonic() - started),
-                                   1)
+        out["run_cpu_pct"] = round(
+            100 * (cpu_seconds(proc) - cpu) / (time.monotonic() - started), 1
+        )
     except TimedOut as exc:
         out["timed_out"] = str(exc)
     finally:
@@ -178,27 +179,19 @@ def summarize(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.resources", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.resources",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="10 s idle, 60 s run")
     parser.add_argument("--out", default="var/bench-resources.json")
     parser.add_argument("--rate", type=int, default=RATE, help=f"msgs/s of the run ({RATE})")
     args = parser.parse_args(argv)
     sizes = SIZES["quick" if args.quick else "full"]
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    try:
-        result = run_main(run(sizes["idle_s"], sizes["run_s"], args.rate))
-    except TimedOut as exc:
-        result = {"timed_out": str(exc)}
-    except AssertionError as exc:
-        result = {"failed": f"AssertionError: {str(exc)[-500:]}"}
-    result["at"] = started
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(summarize(result))
-    print(f"written to {out}")
-    return 0
+    result = run_reported(run(sizes["idle_s"], sizes["run_s"], args.rate))
+    return finish(result, started, args.out, summarize)
 
 
 if __name__ == "__main__":

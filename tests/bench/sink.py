@@ -54,12 +54,12 @@ def create_table(conn: psycopg.Connection[Any], name: str) -> None:
     conn.commit()
 
 
-async def through_target(url: str, table: str, ledger: str, rows: list[dict[str, Any]],
-                         batch: int) -> float:
+async def through_target(
+    url: str, table: str, ledger: str, rows: list[dict[str, Any]], batch: int
+) -> float:
     target = SqlTarget(
         "bench",
-        {"url": url, "mode": "rows", "table": table, "keyColumns": ["id"],
-         "ledgerTable": ledger},
+        {"url": url, "mode": "rows", "table": table, "keyColumns": ["id"], "ledgerTable": ledger},
         Settings(),
     )
     await target.open()
@@ -77,8 +77,9 @@ async def through_target(url: str, table: str, ledger: str, rows: list[dict[str,
         await target.close()
 
 
-def through_copy(conn: psycopg.Connection[Any], table: str, rows: list[dict[str, Any]],
-                 batch: int) -> float:
+def through_copy(
+    conn: psycopg.Connection[Any], table: str, rows: list[dict[str, Any]], batch: int
+) -> float:
     columns = ["id", *TEXT_COLUMNS, "qty", "ts"]
     statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
     started = time.perf_counter()
@@ -90,8 +91,9 @@ def through_copy(conn: psycopg.Connection[Any], table: str, rows: list[dict[str,
     return time.perf_counter() - started
 
 
-def measure(conn: psycopg.Connection[Any], url: str, rows: list[dict[str, Any]],
-            batch: int, rounds: int) -> dict[str, Any]:
+def measure(
+    conn: psycopg.Connection[Any], url: str, rows: list[dict[str, Any]], batch: int, rounds: int
+) -> dict[str, Any]:
     """Best of ``rounds`` alternating runs of each, on fresh tables dropped afterwards."""
     sink_best = copy_best = float("inf")
     size = None
@@ -139,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         conn = psycopg.connect(libpq.render_as_string(hide_password=False))
     except psycopg.OperationalError as exc:
-        print(f"PostgreSQL is not reachable ({type(exc).__name__}): run `make stack-up`",
-              file=sys.stderr)
+        print(
+            f"PostgreSQL is not reachable ({type(exc).__name__}): run `make stack-up`",
+            file=sys.stderr,
+        )
         return 2
     with conn:
         result = measure(conn, url, payloads(args.rows), args.batch, args.rounds)
@@ -149,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"SQL target (rows mode, upsert + ledger): {result['sql_target_rows_per_s']:>10,} rows/s")
     print(f"psycopg COPY (same batches):            {result['copy_rows_per_s']:>10,} rows/s")
-    print(f"ratio target/COPY: {result['ratio']:.3f}  ({result['rows']} rows of "
-          f"~{result['row_bytes']} B, batches of {result['batch']}, best of {args.rounds})")
+    print(
+        f"ratio target/COPY: {result['ratio']:.3f}  ({result['rows']} rows of "
+        f"~{result['row_bytes']} B, batches of {result['batch']}, best of {args.rounds})"
+    )
     print(f"written to {out}")
     return 0
 

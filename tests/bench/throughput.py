@@ -32,7 +32,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -135,9 +135,7 @@ async def preload(
     timeout: float = 300,
 ) -> dict[str, Any]:
     """Produce ``values`` as fast as a plain producer can: explicit batches, round robin."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=BOOTSTRAP, acks="all", max_batch_size=batch_bytes
-    )
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", max_batch_size=batch_bytes)
     await producer.start()
     sent, started = 0, time.perf_counter()
     try:
@@ -367,7 +365,10 @@ async def forward(
 
 
 async def write(
-    consumer: AIOKafkaConsumer, conn: psycopg.AsyncConnection[Any], table: str, n: int,
+    consumer: AIOKafkaConsumer,
+    conn: psycopg.AsyncConnection[Any],
+    table: str,
+    n: int,
     p: Progress,
 ) -> None:
     """Stage 2: second topic → COPY into staging → INSERT … ON CONFLICT → commit, offsets."""
@@ -398,7 +399,8 @@ async def hand_written(topic: str, prefix: str, n: int, timeout: float) -> dict[
     columns = "id text PRIMARY KEY, payload jsonb NOT NULL, delivered_at_ms bigint NOT NULL"
     await asyncio.to_thread(pg_query, f'CREATE TABLE "{table}" ({columns})')
     common: dict[str, Any] = {
-        "bootstrap_servers": BOOTSTRAP, "enable_auto_commit": False,
+        "bootstrap_servers": BOOTSTRAP,
+        "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
     }
     source = AIOKafkaConsumer(topic, group_id=f"{prefix}-hand-1", **common)
@@ -409,9 +411,7 @@ async def hand_written(topic: str, prefix: str, n: int, timeout: float) -> dict[
     conn = await psycopg.AsyncConnection.connect(PG_DSN, connect_timeout=10)
     progress = Progress()
     try:
-        await conn.execute(
-            f'CREATE TEMP TABLE staging (LIKE "{table}") ON COMMIT DELETE ROWS'
-        )
+        await conn.execute(f'CREATE TEMP TABLE staging (LIKE "{table}") ON COMMIT DELETE ROWS')
         await conn.commit()
         for client in (source, second, producer):
             await client.start()
@@ -492,6 +492,29 @@ async def latency(rate: int, seconds: int, timeout: float) -> dict[str, Any]:
 # -- the whole benchmark ---------------------------------------------------------------------
 
 
+def run_reported(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """:func:`run_main`, with a timeout or a failed check reported in the result."""
+    try:
+        return run_main(coro)
+    except TimedOut as exc:
+        return {"timed_out": str(exc)}
+    except AssertionError as exc:
+        return {"failed": f"AssertionError: {str(exc)[-500:]}"}
+
+
+def finish(
+    result: dict[str, Any], started: str, out_path: str, summarize: Callable[[dict[str, Any]], str]
+) -> int:
+    """Stamp, write and print one benchmark's result; the exit status of its main."""
+    result["at"] = started
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(summarize(result))
+    print(f"written to {out}")
+    return 0
+
+
 def run_main(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
     """``asyncio.run``, where SIGTERM (like Ctrl-C) cancels the run, so its clean-up
     (workers stopped, topics and tables dropped) still happens."""
@@ -506,7 +529,6 @@ def run_main(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
         return asyncio.run(cancellable())
     except (asyncio.CancelledError, KeyboardInterrupt):
         return {"cancelled": "stopped by a signal before it finished; cleaned up"}
-
 
 
 async def attempt(results: dict[str, Any], name: str, part: Any) -> None:
@@ -590,24 +612,25 @@ def summarize(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.throughput", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, for smoke runs")
     parser.add_argument("--out", default="var/bench-throughput.json")
     parser.add_argument("-n", type=int, default=None, help="requests (default 200000, quick 20000)")
-    parser.add_argument("--batch-bytes", type=int, default=BATCH_BYTES,
-                        help=f"record batch size of the pre-loads (default {BATCH_BYTES})")
+    parser.add_argument(
+        "--batch-bytes",
+        type=int,
+        default=BATCH_BYTES,
+        help=f"record batch size of the pre-loads (default {BATCH_BYTES})",
+    )
     args = parser.parse_args(argv)
     sizes = SIZES["quick" if args.quick else "full"]
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    result = run_main(run(args.n or sizes["n"], sizes["latency_s"], args.batch_bytes))
-    result["at"] = started
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(summarize(result))
-    print(f"written to {out}")
-    return 0
+    result = run_reported(run(args.n or sizes["n"], sizes["latency_s"], args.batch_bytes))
+    return finish(result, started, args.out, summarize)
 
 
 if __name__ == "__main__":
