@@ -83,6 +83,15 @@ class WalView(View):
             headers={"X-Request-ID": rid, **(headers or {})},
         )
 
+    def namespace_not_found(self, request: Request, name: str) -> Response:
+        return self.fail(
+            request,
+            request_id(request),
+            404,
+            "NAMESPACE_NOT_FOUND",
+            f"namespace '{name}' not found",
+        )
+
 
 @fleet.page("/wal/write")
 class Write(WalView):
@@ -211,13 +220,7 @@ class NamespaceStatus(WalView):
     async def get(self, request: Request, name: str) -> Response:
         ns = namespace_table.lookup(name.strip().lower())
         if ns is None:
-            return self.fail(
-                request,
-                request_id(request),
-                404,
-                "NAMESPACE_NOT_FOUND",
-                f"namespace '{name}' not found",
-            )
+            return self.namespace_not_found(request, name)
         summary = namespace_summary(ns)
         keys = {t["identifier"]: f"{ns.name}/{t['identifier']}" for t in summary["targets"]}
         circuits = {t: BREAKERS[k].snapshot() for t, k in keys.items() if k in BREAKERS}
@@ -295,13 +298,7 @@ class NamespaceMetrics(WalView):
         if canonical != name:  # route by the stored key, or another worker is asked
             raise web.HTTPPermanentRedirect(f"/wal/namespaces/{quote(canonical, safe='')}/metrics")
         if namespace_table.lookup(name) is None:
-            return self.fail(
-                request,
-                request_id(request),
-                404,
-                "NAMESPACE_NOT_FOUND",
-                f"namespace '{name}' not found",
-            )
+            return self.namespace_not_found(request, name)
         return await self.owned(request)
 
     # Faust's decorator is typed for View itself, not its subclasses.

@@ -279,3 +279,22 @@ def header(record: Any, name: str) -> str | None:
         if key == name:
             return bytes(value).decode()
     return None
+
+
+def insert_only(table: str, name: str = "orders") -> dict[str, Any]:
+    """A namespace whose one target *inserts* each payload as a row of ``table``.
+
+    With a table that has no unique key, only the target's ledger prevents a
+    replayed message from being inserted twice: tests count doubles with it.
+    """
+    pg_query(f'CREATE TABLE "{table}" (seq integer NOT NULL, body text NOT NULL)')
+    return {
+        "name": name,
+        "targets": [
+            {
+                "identifier": "pg",
+                "type": "sql",
+                "config": {"mode": "rows", "table": table, "operation": "insert"},
+            }
+        ],
+    }

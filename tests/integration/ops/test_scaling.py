@@ -24,6 +24,7 @@ from tests.integration.harness import (
     Worker,
     eventually,
     group_lag,
+    insert_only,
     pg_count,
     pg_query,
     request,
@@ -111,19 +112,7 @@ async def test_scaling_one_three_one_under_load_delivers_each_message_once(
 ) -> None:
     fleet.partitions = 6
     table = f"s_{fleet.prefix}"
-    pg_query(f'CREATE TABLE "{table}" (seq integer NOT NULL, body text NOT NULL)')
-    fleet.apply(
-        {
-            "name": "orders",
-            "targets": [
-                {
-                    "identifier": "pg",
-                    "type": "sql",
-                    "config": {"mode": "rows", "table": table, "operation": "insert"},
-                }
-            ],
-        }
-    )
+    fleet.apply(insert_only(table))
     first = await fleet.worker().ready()
     stream, poller = Stream(fleet.topic("ingest")), Poller(first)
     tasks = [asyncio.create_task(stream.run()), asyncio.create_task(poller.run())]

@@ -12,6 +12,7 @@ from tests.integration.harness import (
     eventually,
     group_lag,
     header,
+    insert_only,
     pg_count,
     pg_query,
     produce,
@@ -101,19 +102,7 @@ async def test_every_valid_request_lands_once_and_every_bad_one_is_dead_lettered
 async def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(fleet: Fleet) -> None:
     """Rows mode *inserts* into a table without a unique key: only the ledger prevents doubles."""
     table = f"k_{fleet.prefix}"
-    pg_query(f'CREATE TABLE "{table}" (seq integer NOT NULL, body text NOT NULL)')
-    fleet.apply(
-        {
-            "name": "orders",
-            "targets": [
-                {
-                    "identifier": "pg",
-                    "type": "sql",
-                    "config": {"mode": "rows", "table": table, "operation": "insert"},
-                }
-            ],
-        }
-    )
+    fleet.apply(insert_only(table))
     total = 20_000
     first = await fleet.worker(WAL_BATCH_SIZE="200").ready()
     await produce(
