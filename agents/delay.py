@@ -3,21 +3,40 @@
 One agent per delay tier (``wal-delay-1s`` … ``wal-delay-15m``). A record enters
 the largest tier that does not overshoot its due time (``wal-due-at``), so a
 record produced at *t* into tier *T* needs looking at again no earlier than
-*t + T*. Records of a tier partition arrive in produce order, so the agent
-sleeps until the head record's wake time, then forwards it: to ``wal-deliver``
-when it is due, or into the tier that fits what is left. Nothing waits in
-memory but the record at the head: the backlog lives in Kafka.
+*t + T*. Records of a tier partition arrive in produce order, so when the head
+record of a partition is not awake yet, nothing behind it is either.
 
-Acks: records are acked once their forward is acknowledged by Kafka, and
-before any sleep, so a crash replays at most the records not yet forwarded;
-a replayed forward carries the same message id, which targets apply once.
+The agent never sleeps holding its stream (a stream that stops draining fills
+its buffer and then blocks the conductor, and with it every agent of the
+worker). A record that wakes within :data:`LEAD_MS` is *held*: kept in memory
+(at most :data:`HOLD_MAX` per tier) and forwarded by a timer when it wakes. A
+record that wakes later *parks* its partition: the agent pauses fetching from
+it, lets the records already buffered behind it pass unprocessed and unacked,
+and :data:`LEAD_MS` before the record wakes seeks the partition back to its
+offset and resumes, so it is read again - and held - in time (re-reading takes
+up to Faust's fetch long-poll, 1.5 s). Nothing else waits in memory: one
+offset and one timer per parked partition, the backlog lives in Kafka, and
+memory does not depend on how many records wait.
+
+Acks: a record is acked once its forward is acknowledged by Kafka. Held and
+parked records are not acked, and the consumer commits no further than the
+first unacked offset of a partition (:mod:`app.consumer`), so the committed
+offset never passes a record still waiting; a crash replays at most the
+records forwarded but not yet committed, and a replayed forward carries the
+same message id, which targets apply once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
+import itertools
 import time
+from dataclasses import dataclass, field
 from typing import Any
+
+from faust.types import TP
 
 from app import topics
 from app.fleet import fleet, settings
@@ -25,6 +44,11 @@ from app.topics import DELAY_TIERS, Record, delay_topics, tier_name
 
 #: A record this close to its due time goes to delivery rather than another hop.
 DUE_SLACK_MS = 20
+#: Records waking within this long are held in memory; parked partitions are
+#: rewound this long before their head wakes.
+LEAD_MS = 2_500
+#: Most records one tier holds in memory; beyond it, even close ones are parked.
+HOLD_MAX = 10_000
 
 
 def wake_at_ms(produced_ms: int, due_ms: int, tier_seconds: int) -> int:
@@ -43,22 +67,165 @@ def forward(message: Any, now_ms: int) -> Record:
     return Record(topic, message.key, message.value, dict(headers))
 
 
+@dataclass(eq=False)
+class _Parked:
+    offset: int  #: the head record, read again at wake time
+    rewound: bool = False  #: seeked back to ``offset``; what comes before it is stale
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+class Parking:
+    """The partitions of one tier whose head record is not awake yet.
+
+    ``consumer`` is Faust's consumer (:class:`app.consumer.StrictConsumer`):
+    ``pause_partitions``, ``resume_partitions``, ``seek``, ``assignment`` and
+    ``release``.
+    """
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self._parked: dict[TP, _Parked] = {}
+        self._wakers: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._parked)
+
+    def passes(self, message: Any) -> bool:
+        """Whether the agent should handle ``message`` (not behind a parked head).
+
+        A message held back is released: it will be read again from Kafka.
+        """
+        tp = TP(message.topic, message.partition)
+        parked = self._parked.get(tp)
+        if parked is None:
+            return True
+        if parked.rewound and message.offset == parked.offset:
+            del self._parked[tp]  # the head again, read after the seek
+            return True
+        self.consumer.release(message)
+        return False
+
+    def park(self, message: Any, wake_ms: int, lead_ms: int = 0) -> None:
+        """Stop reading ``message``'s partition; ``lead_ms`` before ``wake_ms``, re-read it."""
+        tp = TP(message.topic, message.partition)  # Faust's TP, not aiokafka's
+        self.consumer.pause_partitions({tp})
+        self.consumer.release(message)
+        parked = _Parked(message.offset)
+        self._parked[tp] = parked
+        delay_s = max(0.0, (wake_ms - lead_ms) / 1000 - time.time())
+        parked.timer = asyncio.get_running_loop().call_later(delay_s, self._wake, tp, parked)
+
+    def _wake(self, tp: TP, parked: _Parked) -> None:
+        task = asyncio.ensure_future(self._rewind(tp, parked))
+        self._wakers.add(task)
+        task.add_done_callback(self._wakers.discard)
+
+    async def _rewind(self, tp: TP, parked: _Parked) -> None:
+        if self._parked.get(tp) is not parked:
+            return  # forgotten by a rebalance
+        if tp not in self.consumer.assignment():
+            del self._parked[tp]
+            return
+        try:
+            await self.consumer.seek(tp, parked.offset)
+        except Exception:  # a seek that fails leaves the partition to the rebalance or heal
+            fleet.log.exception("delay: seeking %s back to %s failed", tp, parked.offset)
+            del self._parked[tp]
+            return
+        parked.rewound = True
+        self.consumer.resume_partitions({tp})
+
+    def forget(self, tps: Any = None) -> None:
+        """Drop parked partitions (all by default): a rebalance re-reads them from the commit."""
+        for tp in list(self._parked) if tps is None else list(tps):
+            parked = self._parked.pop(tp, None)
+            if parked is not None and parked.timer is not None:
+                parked.timer.cancel()
+
+
+class Holding:
+    """Records of one tier that wake soon, in memory until they do (earliest first)."""
+
+    def __init__(self, limit: int = HOLD_MAX) -> None:
+        self.limit = limit
+        self._heap: list[tuple[int, int, Any]] = []
+        self._order = itertools.count()
+        self._added = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def has_room(self) -> bool:
+        return len(self._heap) < self.limit
+
+    def hold(self, event: Any, wake_ms: int) -> None:
+        heapq.heappush(self._heap, (wake_ms, next(self._order), event))
+        self._added.set()
+
+    def due(self, now_ms: int) -> list[Any]:
+        """The held events awake at ``now_ms``, in wake order; no longer held."""
+        awake = []
+        while self._heap and self._heap[0][0] <= now_ms:
+            awake.append(heapq.heappop(self._heap)[2])
+        return awake
+
+    async def wait(self) -> None:
+        """Until the earliest held event wakes, or another is held."""
+        self._added.clear()
+        timeout = self._heap[0][0] / 1000 - time.time() if self._heap else None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._added.wait(), timeout)
+
+
+async def _forward_held(stream: Any, holding: Holding) -> None:
+    """Forward held records as they wake (a task beside the agent's loop); never raises."""
+    while True:
+        await holding.wait()
+        now_ms = int(time.time() * 1000)
+        awake = holding.due(now_ms)
+        try:
+            await _flush(stream, [(event, forward(event.message, now_ms)) for event in awake])
+        except Exception:  # unacked: the commit holds, and the heal re-reads them
+            fleet.log.exception("delay: forwarding %d held records failed", len(awake))
+
+
+#: One parking per tier, created when its agent starts (the consumer exists then).
+parkings: dict[int, Parking] = {}
+
+
 def _make_agent(tier_seconds: int) -> Any:
     async def delay(stream: Any) -> None:
-        """Wake each record of this tier at its time and forward it; never raises."""
-        async for events in stream.noack_take(settings.batch_size, 0.2):
-            ready: list[tuple[Any, Record]] = []
-            for event in events:
-                message = event.message
-                headers = topics.decode_headers(message.headers)
-                due_ms = int(headers.get(topics.DUE_AT) or 0)
-                produced_ms = int((message.timestamp or time.time()) * 1000)
-                wait_ms = wake_at_ms(produced_ms, due_ms, tier_seconds) - int(time.time() * 1000)
-                if wait_ms > 0:
-                    await _flush(stream, ready)
-                    await asyncio.sleep(wait_ms / 1000)
-                ready.append((event, forward(message, int(time.time() * 1000))))
-            await _flush(stream, ready)
+        """Forward each record of this tier when it wakes; park its partition until then."""
+        parking = parkings[tier_seconds] = Parking(fleet.consumer)
+        holding = Holding()
+        forwarder = asyncio.ensure_future(_forward_held(stream, holding))
+        try:
+            async for events in stream.noack_take(settings.batch_size, 0.2):
+                ready: list[tuple[Any, Record]] = []
+                now_ms = int(time.time() * 1000)
+                for event in events:
+                    message = event.message
+                    if not parking.passes(message):
+                        continue
+                    headers = topics.decode_headers(message.headers)
+                    due_ms = int(headers.get(topics.DUE_AT) or 0)
+                    produced_ms = int((message.timestamp or now_ms / 1000) * 1000)
+                    wake_ms = wake_at_ms(produced_ms, due_ms, tier_seconds)
+                    if wake_ms - now_ms > LEAD_MS:
+                        parking.park(message, wake_ms, lead_ms=LEAD_MS)
+                        continue
+                    if wake_ms > now_ms:
+                        if holding.has_room():
+                            holding.hold(event, wake_ms)
+                        else:  # back when it is awake
+                            parking.park(message, wake_ms)
+                        continue
+                    ready.append((event, forward(message, now_ms)))
+                del events
+                await _flush(stream, ready)
+        finally:
+            forwarder.cancel()
+            parking.forget()
 
     delay.__name__ = delay.__qualname__ = f"delay_{tier_name(tier_seconds)}"
     return fleet.agent(delay_topics[tier_seconds], name=f"delay-{tier_name(tier_seconds)}")(delay)
@@ -71,6 +238,13 @@ async def _flush(stream: Any, ready: list[tuple[Any, Record]]) -> None:
     for event, _ in ready:
         await stream.ack(event)
     ready.clear()
+
+
+@fleet.on_partitions_revoked.connect
+async def _forget_parked(app: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+    """A rebalance seeks every partition to its committed offset: parked heads come again."""
+    for parking in parkings.values():
+        parking.forget()
 
 
 agents = {seconds: _make_agent(seconds) for seconds in DELAY_TIERS}

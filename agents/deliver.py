@@ -38,6 +38,7 @@ from app.models import Namespace, TargetDef, TargetRef, WriteRequest
 from app.topics import Record, deliver_topic
 from tables import ordering, stats, transactions
 from tables.namespaces import lookup
+from tables.status import Collector
 from targets import create as create_target
 from targets.base import Outcome, Target, Write, permanent
 from targets.circuit import BREAKERS, guard
@@ -50,6 +51,7 @@ CIRCUIT_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
 #: This batch's outcomes for ``wal-stats`` (the agent runs one batch at a time).
 _tally: Counter[tuple[str, str]] = Counter()
 _latencies: dict[tuple[str, str], list[int]] = defaultdict(list)
+STATUS = Collector()
 
 #: How long a write parked behind its key waits before it asks again.
 PARK_MS = 1000
@@ -120,6 +122,7 @@ async def deliver(stream: Any) -> None:
         follow_ups = [r for item in items if (r := _plan(item)) is not None]
         follow_ups += await _deliver_all(items)
         follow_ups += _stats_deltas()
+        follow_ups += STATUS.drain(topics.NAMES["status"], settings.partitions)
         if follow_ups:
             await topics.emit_until_durable(
                 follow_ups, what=f"{len(follow_ups)} retries/dead letters"
@@ -266,6 +269,8 @@ def _next_step(
 ) -> Record | None:
     """After a write's outcome: its follow-up record, and its key's sequencing."""
     record, final = (None, True) if outcome.ok else _after_failure(item, identifier, outcome)
+    if outcome.ok:
+        _note(item, "delivered", identifier)
     if outcome.ok and item.headers.get(topics.TRANSACTION_ID):
         record = _mutation_outcome(item, None)  # the transaction decides what follows
     if not _ordered(item):
@@ -362,11 +367,20 @@ def _after_failure(item: Item, identifier: str, outcome: Outcome) -> tuple[Recor
     else:
         code, message = outcome.code or "TARGET_REJECTED", outcome.message
     if item.headers.get(topics.TRANSACTION_ID):  # its transaction decides, not the DLQ
+        _note(item, "failed", identifier, code=code, message=message[:300])
         return _mutation_outcome(item, f"{code}: {message}"), True
     return _dead_letter(item, code, message, identifier), True
 
 
 def _retry(item: Item, identifier: str, outcome: Outcome, now: int, wait: int) -> Record:
+    _note(
+        item,
+        "retrying",
+        identifier,
+        code=outcome.code,
+        message=outcome.message[:300],
+        next=now + wait,
+    )
     headers: dict[str, str | None] = dict(item.headers)
     headers.update(
         {
@@ -380,6 +394,19 @@ def _retry(item: Item, identifier: str, outcome: Outcome, now: int, wait: int) -
         }
     )
     return Record(topics.delay_topic_for(wait), item.key, item.raw, headers)
+
+
+def _note(item: Item, step: str, target: str | None, **fields: Any) -> None:
+    """Note a write's step for ``GET /wal/messages/{id}`` (emitted with the batch)."""
+    STATUS.note(
+        item.headers.get(topics.MESSAGE_ID),
+        item.namespace.name if item.namespace else metrics.UNKNOWN,
+        step,
+        target=target,
+        attempt=item.attempt,
+        transactionId=item.headers.get(topics.TRANSACTION_ID),
+        **fields,
+    )
 
 
 def _count(namespace: str, outcome: str, n: int = 1) -> None:
@@ -433,6 +460,8 @@ def _dead_letter(item: Item, code: str, message: str, target: str | None = None)
     """The dead letter for an item, or None when its DLQ is disabled (then logged, dropped)."""
     name = item.namespace.name if item.namespace else metrics.UNKNOWN
     metrics.DEAD_LETTERS.labels(name, code).inc()
+    step = "dropped" if _dlq_disabled(item) else "dead_lettered"
+    _note(item, step, target, code=code, message=message[:300])
     if _dlq_disabled(item):
         _count(name, "dropped")
         message_id = item.headers.get(topics.MESSAGE_ID)

@@ -31,8 +31,10 @@ from app.models import Mutation, Namespace, ShardStrategy, WriteRequest
 from app.topics import Record, ingest_topic
 from tables import stats
 from tables.namespaces import lookup
+from tables.status import Collector
 
 log = logging.getLogger("wal.ingest")
+STATUS = Collector()
 
 #: Nothing larger is even parsed: the largest maxMessageSize a namespace may set.
 HARD_SIZE_LIMIT = 16 * 1024 * 1024
@@ -293,6 +295,7 @@ async def ingest(stream: Any) -> None:
         metrics.BATCH_SIZE.labels("ingest").observe(len(events))
         records = [_route(event) for event in events]
         records += _stats_deltas(records)
+        records += STATUS.drain(topics.NAMES["status"], settings.partitions)
         await topics.emit_until_durable(records, what=f"{len(records)} ingest records")
         for event in events:
             await stream.ack(event)
@@ -317,6 +320,13 @@ def _route(event: Any) -> Record:
     except Rejected as rejected:
         namespace = _namespace_of(message.value)
         _count_rejected(namespace, rejected.code)
+        STATUS.note(
+            headers.get(topics.MESSAGE_ID) or _id_of(message.value),
+            namespace.name if namespace else metrics.UNKNOWN,
+            "rejected",
+            code=rejected.code,
+            message=rejected.message[:300],
+        )
         return dead_letter(rejected, message.value, headers, source, message.key, namespace)
     except Exception as exc:  # a bug of ours must not stop the stream: dead-letter, loudly
         log.exception(
@@ -328,7 +338,16 @@ def _route(event: Any) -> Record:
         _count_rejected(None, internal.code)
         return dead_letter(internal, message.value, headers, source, message.key)
     metrics.MESSAGES.labels(admitted.namespace.name, "ingest", "accepted").inc()
-    return deliver_record(admitted, message.value, headers, source, message.key)
+    record = deliver_record(admitted, message.value, headers, source, message.key)
+    due = record.headers.get(topics.DUE_AT)
+    STATUS.note(
+        admitted.message_id,
+        admitted.namespace.name,
+        "delayed" if due and record.topic != topics.NAMES["deliver"] else "accepted",
+        dueAt=int(due) if due else None,
+        transactionId=admitted.transaction_id,
+    )
+    return record
 
 
 def _stats_deltas(records: list[Record]) -> list[Record]:
@@ -349,6 +368,16 @@ def _count_rejected(namespace: Namespace | None, code: str) -> None:
     name = namespace.name if namespace else metrics.UNKNOWN
     metrics.MESSAGES.labels(name, "ingest", "rejected").inc()
     metrics.DEAD_LETTERS.labels(name, code).inc()
+
+
+def _id_of(raw: bytes | None) -> str | None:
+    """Best-effort message id of a rejected request (its ``messageId``), for its status."""
+    try:
+        data = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError:
+        return None
+    found = data.get("messageId") if isinstance(data, dict) else None
+    return found if isinstance(found, str) and 0 < len(found) <= 256 else None
 
 
 def _namespace_of(raw: bytes | None) -> Namespace | None:

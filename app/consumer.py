@@ -41,6 +41,15 @@ class StrictConsumer(driver.Consumer):
         self.held.pop(tp, None)
         return super()._new_offset(tp)
 
+    def release(self, message: Any) -> None:
+        """Give ``message`` back to Kafka unprocessed: it will be read again, after a seek.
+
+        Faust waits for every message it delivered to a stream to be acked before
+        a rebalance goes on (``wait_empty``); a message released is no longer
+        waited for, and is never acked, so the commit cannot pass it.
+        """
+        self._unacked_messages.discard(message)
+
     async def heal(self, after: float) -> list[TP]:
         """Re-read partitions held for ``after`` seconds or more from their committed offset."""
         now = monotonic()

@@ -50,6 +50,69 @@ _ACCEPTED = {
 }
 
 
+_MESSAGE_STATUS = {
+    "type": "object",
+    "required": ["messageId", "namespace", "status", "targets"],
+    "properties": {
+        "messageId": {"type": "string"},
+        "namespace": {"type": "string"},
+        "status": {
+            "enum": [
+                "pending",
+                "delayed",
+                "rejected",
+                "retrying",
+                "completed",
+                "dlq",
+                "dropped",
+                "failed",
+            ]
+        },
+        "admission": {"enum": ["accepted", "delayed", "rejected"]},
+        "acceptedAt": {"type": "integer", "description": "ms since the epoch"},
+        "updatedAt": {"type": "integer"},
+        "dueAt": {"type": "integer"},
+        "transactionId": {"type": "string"},
+        "error": {"type": "object"},
+        "targets": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "properties": {
+                    "status": {
+                        "enum": ["delivered", "retrying", "dead_lettered", "dropped", "failed"]
+                    },
+                    "attempts": {"type": "integer"},
+                    "at": {"type": "integer"},
+                    "nextAttemptAt": {"type": "integer"},
+                    "lastError": {"type": "object"},
+                },
+            },
+        },
+    },
+}
+
+
+def _get(
+    summary: str,
+    param: str | None = None,
+    not_found: str | None = None,
+    schema: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    ok: dict[str, Any] = {"description": "OK"}
+    if schema is not None:
+        ok["content"] = {"application/json": {"schema": schema}}
+    responses: dict[str, Any] = {"200": ok, "503": _error("Its owner is not known (rebalance)")}
+    if not_found:
+        responses["404"] = _error(not_found)
+    operation: dict[str, Any] = {"summary": summary, "responses": responses}
+    if param:
+        operation["parameters"] = [
+            {"name": param, "in": "path", "required": True, "schema": {"type": "string"}}
+        ]
+    return {"get": operation}
+
+
 def _error(description: str) -> dict[str, Any]:
     return {
         "description": description,
@@ -115,18 +178,30 @@ def document() -> dict[str, Any]:
             "/wal/namespaces": {
                 "get": {"summary": "List namespaces", "responses": {"200": {"description": "OK"}}}
             },
-            "/wal/namespaces/{name}/status": {
+            "/wal/namespaces/{name}/status": _get(
+                "One namespace's configuration summary and state", "name", "Unknown namespace"
+            ),
+            "/wal/namespaces/{name}/metrics": _get(
+                "One namespace's counts, rates and latency (from its owner)",
+                "name",
+                "Unknown namespace",
+            ),
+            "/wal/transactions/{txn_id}": _get(
+                "A transaction's status and its mutations' (from its owner)",
+                "txn_id",
+                "Unknown or expired transaction",
+            ),
+            "/wal/messages/{message_id}": _get(
+                "What became of a message, per target (from its owner)",
+                "message_id",
+                "Unknown message, or older than WAL_STATUS_RETENTION_S",
+                _MESSAGE_STATUS,
+            ),
+            "/wal/fleet": _get("Every worker's assignment, lag and circuits"),
+            "/wal/dashboard": {
                 "get": {
-                    "summary": "One namespace's configuration summary and state",
-                    "parameters": [
-                        {
-                            "name": "name",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        }
-                    ],
-                    "responses": {"200": {"description": "OK"}, "404": _error("Unknown namespace")},
+                    "summary": "The fleet dashboard (HTML, refreshes itself)",
+                    "responses": {"200": {"description": "OK", "content": {"text/html": {}}}},
                 }
             },
             "/health/live": {

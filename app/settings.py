@@ -91,6 +91,14 @@ class Settings(BaseSettings):
     transaction_retention_s: float = Field(default=3600.0, gt=0)
     """WAL_TRANSACTION_RETENTION_S: how long an ended transaction stays queryable."""
 
+    status_retention_s: float = Field(default=3600.0, gt=0)
+    """WAL_STATUS_RETENTION_S: how long ``GET /wal/messages/{id}`` knows a message
+    (retention of the ``wal-status`` topic the owners rebuild their index from)."""
+
+    status_capacity: int = Field(default=50_000, ge=100)
+    """WAL_STATUS_CAPACITY: most message statuses one worker keeps in memory (the
+    oldest go first, about 400 B each)."""
+
     http_produce_timeout_s: float = Field(default=5.0, gt=0, le=120)
     """WAL_HTTP_PRODUCE_TIMEOUT_S: how long POST /wal/write waits for Kafka before 503."""
 

@@ -65,6 +65,7 @@ def topic_names(s: Settings) -> dict[str, str]:
         "namespaces": s.topic("namespaces"),
         "txn-events": s.topic("txn-events"),
         "stats": s.topic("stats"),
+        "status": s.topic("status"),
     }
     for seconds in s.tiers:
         names[f"delay-{tier_name(seconds)}"] = s.topic(f"delay-{tier_name(seconds)}")
@@ -75,6 +76,7 @@ NAMES = topic_names(settings)
 ingest_topic = fleet.topic(NAMES["ingest"], partitions=settings.partitions)
 deliver_topic = fleet.topic(NAMES["deliver"], partitions=settings.partitions)
 stats_topic = fleet.topic(NAMES["stats"], partitions=settings.partitions)
+status_topic = fleet.topic(NAMES["status"], partitions=settings.partitions)
 delay_topics = {
     seconds: fleet.topic(NAMES[f"delay-{tier_name(seconds)}"], partitions=settings.partitions)
     for seconds in DELAY_TIERS
@@ -162,6 +164,10 @@ async def ensure_topics(s: Settings, *, timeout: float = 30.0) -> list[str]:
             configs = {"min.insync.replicas": str(min(2, s.replication_factor))}
             if role == "namespaces":
                 configs["cleanup.policy"] = "compact"
+            if role == "status":  # history for GET /wal/messages/{id}, then gone
+                retention_ms = int(s.status_retention_s * 1000)
+                configs["retention.ms"] = str(retention_ms)
+                configs["segment.ms"] = str(max(60_000, retention_ms // 6))
             wanted.append(
                 NewTopic(
                     name,

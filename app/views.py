@@ -23,6 +23,7 @@ from aiohttp.web_exceptions import HTTPRequestEntityTooLarge
 from faust.web import Request, Response, View
 
 from agents.ingest import HARD_SIZE_LIMIT, admit, deliver_record
+from agents.status import book as status_book
 from app import access, dashboard, offsets, openapi, topics
 from app.errors import Rejected
 from app.fleet import fleet, settings
@@ -284,6 +285,28 @@ class Transaction(WalView):
             )
         mutations = [{k: v for k, v in m.items() if k != "spec"} for m in state["mutations"]]
         return self.json({**state, "mutations": mutations})
+
+
+# -- message status ------------------------------------------------------------------------
+
+
+@fleet.page("/wal/messages/{message_id}")
+class MessageStatus(WalView):
+    """What became of a message, from the worker that owns its ``wal-status`` partition."""
+
+    @fleet.topic_route(topic=topics.status_topic, match_info="message_id")  # type: ignore[arg-type]
+    async def get(self, request: Request, message_id: str) -> Response:
+        doc = status_book.get(message_id)
+        if doc is None:
+            return self.fail(
+                request,
+                request_id(request),
+                404,
+                "NOT_FOUND",
+                f"no status for message '{message_id}': unknown, or older than "
+                f"{settings.status_retention_s:g} s (WAL_STATUS_RETENTION_S)",
+            )
+        return self.json(doc)
 
 
 # -- operations: stats, fleet, dashboard ----------------------------------------------------

@@ -56,8 +56,10 @@ async def test_operation_from_write_then_options_then_config() -> None:
 
 async def test_each_operation_arguments() -> None:
     t = await target(keyPath="id", valuePath="data.v", ttlSeconds=9)
+
     def args(op: str, value: Any) -> list[Any]:
         return tail(t.command(write({"id": "k", "data": {"v": value}}, op)))[4:]
+
     assert args("hset", {"a": "x", "b": 2}) == ["hset", "9", "a", b"x", "b", b"2"]
     assert args("hdel", ["a", "b"]) == ["hdel", "", "a", "b"]
     assert args("hdel", "a") == ["hdel", "", "a"]
@@ -101,14 +103,23 @@ async def test_writes_that_can_never_apply(payload: dict[str, Any], op: str, fau
         (rx.ResponseError("BUSY Redis is busy running a script"), "retryable", "TARGET_THROTTLED"),
         (rx.ResponseError("TRYAGAIN Multiple keys"), "retryable", "TARGET_THROTTLED"),
         (rx.ResponseError("OOM command not allowed"), "retryable", "TARGET_THROTTLED"),
-        (rx.ReadOnlyError("You can't write against a read only replica."), "retryable",
-         "TARGET_UNAVAILABLE"),
-        (rx.ResponseError("MASTERDOWN Link with MASTER is down"), "retryable",
-         "TARGET_UNAVAILABLE"),
+        (
+            rx.ReadOnlyError("You can't write against a read only replica."),
+            "retryable",
+            "TARGET_UNAVAILABLE",
+        ),
+        (
+            rx.ResponseError("MASTERDOWN Link with MASTER is down"),
+            "retryable",
+            "TARGET_UNAVAILABLE",
+        ),
         (rx.NoScriptError("NOSCRIPT No matching script"), "retryable", "TARGET_ERROR"),
         (rx.ResponseError("WRONGTYPE Operation against a key"), "permanent", "TARGET_REJECTED"),
-        (rx.ResponseError("ERR value is not an integer or out of range"), "permanent",
-         "TARGET_REJECTED"),
+        (
+            rx.ResponseError("ERR value is not an integer or out of range"),
+            "permanent",
+            "TARGET_REJECTED",
+        ),
         (OSError(113, "No route to host"), "retryable", "TARGET_UNAVAILABLE"),
     ],
 )
@@ -120,8 +131,13 @@ def test_classify(exc: Exception, status: str, code: str) -> None:
 
 @pytest.mark.parametrize(
     "config",
-    [{"operation": "getdel"}, {"ttlSeconds": 0}, {"keyPrefix": 3}, {"dedupeTtlSeconds": "x"},
-     {"url": "http://127.0.0.1/"}],
+    [
+        {"operation": "getdel"},
+        {"ttlSeconds": 0},
+        {"keyPrefix": 3},
+        {"dedupeTtlSeconds": "x"},
+        {"url": "http://127.0.0.1/"},
+    ],
 )
 async def test_bad_config_fails_open(config: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):

@@ -69,18 +69,38 @@ def wrapped(cls: type[sa_exc.DBAPIError], orig: Exception) -> sa_exc.DBAPIError:
 @pytest.mark.parametrize(
     ("exc", "status", "code"),
     [
-        (wrapped(sa_exc.OperationalError, sqlite3.OperationalError("database is locked")),
-         "retryable", "TARGET_UNAVAILABLE"),
-        (wrapped(sa_exc.OperationalError, sqlite3.OperationalError("no such table: items")),
-         "retryable", "TARGET_UNAVAILABLE"),
-        (wrapped(sa_exc.OperationalError, sqlite3.OperationalError("table items has no column x")),
-         "permanent", "TARGET_REJECTED"),
-        (wrapped(sa_exc.IntegrityError, sqlite3.IntegrityError("UNIQUE constraint failed")),
-         "permanent", "TARGET_REJECTED"),
-        (wrapped(sa_exc.OperationalError, ConnectionRefusedError(111, "refused")),
-         "retryable", "TARGET_UNAVAILABLE"),
-        (sa_exc.StatementError("bind failed", "INSERT", {}, TypeError("no datetime")),
-         "permanent", "TARGET_REJECTED"),
+        (
+            wrapped(sa_exc.OperationalError, sqlite3.OperationalError("database is locked")),
+            "retryable",
+            "TARGET_UNAVAILABLE",
+        ),
+        (
+            wrapped(sa_exc.OperationalError, sqlite3.OperationalError("no such table: items")),
+            "retryable",
+            "TARGET_UNAVAILABLE",
+        ),
+        (
+            wrapped(
+                sa_exc.OperationalError, sqlite3.OperationalError("table items has no column x")
+            ),
+            "permanent",
+            "TARGET_REJECTED",
+        ),
+        (
+            wrapped(sa_exc.IntegrityError, sqlite3.IntegrityError("UNIQUE constraint failed")),
+            "permanent",
+            "TARGET_REJECTED",
+        ),
+        (
+            wrapped(sa_exc.OperationalError, ConnectionRefusedError(111, "refused")),
+            "retryable",
+            "TARGET_UNAVAILABLE",
+        ),
+        (
+            sa_exc.StatementError("bind failed", "INSERT", {}, TypeError("no datetime")),
+            "permanent",
+            "TARGET_REJECTED",
+        ),
         (OSError(111, "refused"), "retryable", "TARGET_UNAVAILABLE"),
         (RuntimeError("surprise"), "retryable", "TARGET_ERROR"),
     ],

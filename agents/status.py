@@ -1,0 +1,127 @@
+"""Status: fold the bundles on ``wal-status`` into this worker's :class:`StatusBook`.
+
+Live bundles come through the agent like any other stream (committed as they
+are folded). When this worker is given ``wal-status`` partitions, a *rebuild*
+reads each of them from the start of what Kafka retains up to its end at that
+moment with a plain consumer outside the group, so the book knows what the
+partition's previous owner knew (see :mod:`tables.status`); folding is
+idempotent, so what the agent and the rebuild both read counts once. A record
+that is not a bundle of entries is logged and skipped: nothing on this topic
+stops the stream (faust #175).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from app import metrics
+from app.fleet import fleet, settings
+from app.topics import NAMES, admin_security, status_topic
+from tables.status import StatusBook
+
+BATCH = 2000
+WITHIN_S = 0.2
+
+book = StatusBook(settings.status_capacity)
+_rebuilding: set[asyncio.Task[None]] = set()
+
+
+@fleet.agent(status_topic, concurrency=1)
+async def fold_statuses(stream: Any) -> None:
+    """Fold every bundle on ``wal-status``; never raises."""
+    async for events in stream.noack_take(BATCH, WITHIN_S):
+        metrics.BATCH_SIZE.labels("status").observe(len(events))
+        skipped = _fold([(e.message.partition, e.message.offset, e.message.value) for e in events])
+        if skipped:
+            fleet.log.warning(
+                "status: skipped %d records that are not status bundles (first: %s)",
+                len(skipped),
+                skipped[0][:300],
+            )
+        for event in events:
+            await stream.ack(event)
+
+
+def _fold(records: list[tuple[int, int, bytes | None]]) -> list[str]:
+    """Fold (partition, offset, value) records; return why the bad ones were skipped."""
+    skipped = []
+    for partition, offset, value in records:
+        try:
+            book.fold(partition, _entries(value))
+        except (ValueError, KeyError, TypeError) as exc:
+            skipped.append(f"{NAMES['status']}/{partition}/{offset}: {exc}")
+    return skipped
+
+
+def _entries(raw: bytes | None) -> list[dict[str, Any]]:
+    entries = orjson.loads(raw or b"")
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("id"), str) and isinstance(e.get("at"), int)
+        for e in entries
+    ):
+        raise ValueError("not a list of status entries")
+    return entries
+
+
+async def rebuild(partitions: list[int]) -> int:
+    """Fold ``partitions`` of ``wal-status`` from their first retained record to their end."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        enable_auto_commit=False,
+        **admin_security(settings),
+    )
+    await consumer.start()
+    folded = 0
+    try:
+        tps = [TopicPartition(NAMES["status"], p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        todo = {tp for tp in tps if ends[tp] > await consumer.position(tp)}
+        while todo:
+            batches = await consumer.getmany(*todo, timeout_ms=1000, max_records=BATCH)
+            for tp, records in batches.items():
+                _fold([(tp.partition, r.offset, r.value) for r in records])
+                folded += len(records)
+                if records and records[-1].offset + 1 >= ends[tp]:
+                    todo.discard(tp)
+    finally:
+        await consumer.stop()
+    return folded
+
+
+@fleet.on_partitions_assigned.connect
+async def _rebuild_on_assignment(app: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+    """Forget the old book and rebuild it from this worker's ``wal-status`` partitions."""
+    assigned = args[0] if args else kwargs.get("assigned", set())
+    mine = sorted(tp.partition for tp in assigned if tp.topic == NAMES["status"])
+    for task in list(_rebuilding):
+        task.cancel()
+    book.forget()
+    if mine:
+        task = asyncio.ensure_future(_rebuild_logged(mine))
+        _rebuilding.add(task)
+        task.add_done_callback(_rebuilding.discard)
+
+
+async def _rebuild_logged(partitions: list[int]) -> None:
+    try:
+        folded = await rebuild(partitions)
+        fleet.log.info("status: rebuilt partitions %s from %d bundles", partitions, folded)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # the live stream goes on; older statuses stay unknown here
+        fleet.log.exception("status: rebuilding partitions %s failed", partitions)
+
+
+@fleet.on_before_shutdown.connect
+async def _stop_rebuilds(app: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+    for task in list(_rebuilding):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

@@ -1,0 +1,158 @@
+"""Message status: what became of each message, by id, for ``GET /wal/messages/{id}``.
+
+The agents note each step of a message as a small *status entry* (:func:`note`):
+accepted, delayed or rejected at ingest; delivered, retrying, dead-lettered or
+dropped per target at delivery. A batch's entries go out with the records the
+batch emits anyway (:func:`drain`), bundled one record per ``wal-status``
+partition, the partition a message id hashes to with Kafka's default
+partitioner - so one small record carries a whole batch, not one per message.
+
+The worker assigned a ``wal-status`` partition folds its bundles into an
+in-memory :class:`StatusBook`, and Faust's topic routing sends a request for an
+id to that worker. ``wal-status`` is its own changelog: it keeps
+``WAL_STATUS_RETENTION_S`` of history, and a worker that gets a partition
+(start, restart, rebalance) rebuilds its book from the start of it
+(``agents/status.py``), so it knows what the previous owner knew. Memory is
+bounded: at most ``WAL_STATUS_CAPACITY`` statuses per worker, the least
+recently changed go first.
+
+Folding is idempotent (an entry read twice changes nothing): per target, the
+latest entry wins (then the highest attempt), and a later admission (a replay
+from the DLQ keeps its id) supersedes an earlier one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, defaultdict
+from typing import Any
+
+import orjson
+from aiokafka.partitioner import murmur2
+
+from app.topics import Record
+
+#: Per-target steps, and the message status they add up to (worst first).
+TARGET_STEPS = ("dead_lettered", "dropped", "failed", "retrying", "delivered")
+MESSAGE_STEPS = ("accepted", "delayed", "rejected")
+
+
+def partition_of(message_id: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives ``message_id`` as a key."""
+    return (murmur2(message_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+class Collector:
+    """Status entries noted while a batch is processed, until the batch emits them."""
+
+    def __init__(self) -> None:
+        self._entries: list[dict[str, Any]] = []
+
+    def note(self, message_id: str | None, namespace: str, step: str, **fields: Any) -> None:
+        """Record that ``message_id`` reached ``step`` (``target``, ``attempt``, ``code``…)."""
+        if not message_id:
+            return
+        entry = {"id": message_id, "ns": namespace, "st": step, "at": int(time.time() * 1000)}
+        entry.update((k, v) for k, v in fields.items() if v is not None)
+        self._entries.append(entry)
+
+    def drain(self, topic: str, partitions: int) -> list[Record]:
+        """The noted entries as one record per ``wal-status`` partition; forgets them."""
+        bundles: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for entry in self._entries:
+            bundles[partition_of(entry["id"], partitions)].append(entry)
+        self._entries = []
+        return [
+            Record(topic, None, orjson.dumps(entries), {}, partition=p)
+            for p, entries in sorted(bundles.items())
+        ]
+
+
+def fold(doc: dict[str, Any] | None, entry: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` (a message's status so far, or None) with ``entry`` applied."""
+    doc = doc or {"messageId": entry["id"], "namespace": entry["ns"], "targets": {}}
+    at = entry["at"]
+    step = entry["st"]
+    doc["updatedAt"] = max(doc.get("updatedAt", at), at)
+    for field in ("transactionId", "dueAt"):
+        if field in entry:
+            doc[field] = entry[field]
+    if step in MESSAGE_STEPS:
+        doc["acceptedAt"] = min(doc.get("acceptedAt", at), at)
+        if at >= doc.get("_admittedAt", 0):  # a replay re-admits a message
+            doc["admission"] = step
+            doc["_admittedAt"] = at
+            doc.pop("error", None)
+            if "code" in entry:
+                doc["error"] = {"code": entry["code"], "message": entry.get("message", "")}
+    else:
+        target = entry.get("target") or "-"
+        was = doc["targets"].get(target)
+        now = {"status": step, "attempts": entry.get("attempt", 1), "at": at}
+        if "next" in entry:
+            now["nextAttemptAt"] = entry["next"]
+        if "code" in entry:
+            now["lastError"] = {"code": entry["code"], "message": entry.get("message", "")}
+        elif was and "lastError" in was:
+            now["lastError"] = was["lastError"]
+        if was is None or (at, now["attempts"]) >= (was["at"], was["attempts"]):
+            doc["targets"][target] = now
+    doc["status"] = overall(doc)
+    return doc
+
+
+def overall(doc: dict[str, Any]) -> str:
+    """One word for a message.
+
+    rejected, delayed, pending, retrying, completed, dlq, dropped or failed.
+    """
+    if doc.get("admission") == "rejected":
+        return "rejected"
+    steps = {t["status"] for t in doc["targets"].values()}
+    if "dead_lettered" in steps:
+        return "dlq"
+    if "dropped" in steps:
+        return "dropped"
+    if "failed" in steps:  # a transaction's mutation: its transaction compensates
+        return "failed"
+    if "retrying" in steps:
+        return "retrying"
+    if steps and steps == {"delivered"}:
+        return "completed"
+    return "delayed" if doc.get("admission") == "delayed" else "pending"
+
+
+class StatusBook:
+    """The statuses of the ids in this worker's ``wal-status`` partitions, bounded."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._docs: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def fold(self, partition: int, entries: list[dict[str, Any]]) -> None:
+        for entry in entries:
+            message_id = entry["id"]
+            held = self._docs.pop(message_id, None)
+            doc = fold(orjson.loads(held[1]) if held else None, entry)
+            self._docs[message_id] = (partition, orjson.dumps(doc))
+        while len(self._docs) > self.capacity:
+            self._docs.popitem(last=False)
+
+    def get(self, message_id: str) -> dict[str, Any] | None:
+        held = self._docs.get(message_id)
+        if held is None:
+            return None
+        doc: dict[str, Any] = orjson.loads(held[1])
+        doc.pop("_admittedAt", None)
+        return doc
+
+    def forget(self, partitions: set[int] | None = None) -> None:
+        """Drop the statuses of ``partitions`` (all by default): they are read again."""
+        if partitions is None:
+            self._docs.clear()
+            return
+        for message_id in [i for i, (p, _) in self._docs.items() if p in partitions]:
+            del self._docs[message_id]

@@ -1,0 +1,83 @@
+"""Message status: bundling by partition, folding, the bounded book. Pure logic."""
+
+from __future__ import annotations
+
+import orjson
+from aiokafka.partitioner import DefaultPartitioner
+
+from tables.status import Collector, StatusBook, fold, partition_of
+
+
+def entry(step: str, at: int, **fields: object) -> dict[str, object]:
+    return {"id": "m1", "ns": "orders", "st": step, "at": at, **fields}
+
+
+def test_an_id_lands_in_the_partition_kafkas_default_partitioner_gives_its_key() -> None:
+    partitioner = DefaultPartitioner()
+    for n in range(200):
+        key = f"wal_{n:05d}"
+        assert partition_of(key, 8) == partitioner(key.encode(), list(range(8)), list(range(8)))
+
+
+def test_a_batch_goes_out_as_one_bundle_per_partition() -> None:
+    collector = Collector()
+    ids = [f"id-{n}" for n in range(50)]
+    for message_id in ids:
+        collector.note(message_id, "orders", "accepted")
+    collector.note(None, "orders", "accepted")  # nothing to key it by: not noted
+    records = collector.drain("wal-status", 4)
+    assert len(records) <= 4 and len({r.partition for r in records}) == len(records)
+    seen = []
+    for record in records:
+        entries = orjson.loads(record.value or b"")
+        assert {partition_of(e["id"], 4) for e in entries} == {record.partition}
+        seen += [e["id"] for e in entries]
+    assert sorted(seen) == sorted(ids)
+    assert collector.drain("wal-status", 4) == []
+
+
+def test_a_message_goes_from_accepted_through_retrying_to_completed() -> None:
+    doc = fold(None, entry("accepted", 1))
+    assert doc["status"] == "pending"
+    doc = fold(doc, entry("retrying", 2, target="hook", attempt=1, code="TARGET_UNAVAILABLE"))
+    doc = fold(doc, entry("delivered", 3, target="pg", attempt=1))
+    assert doc["status"] == "retrying"
+    doc = fold(doc, entry("delivered", 9, target="hook", attempt=2))
+    assert doc["status"] == "completed"
+    assert doc["targets"]["hook"]["attempts"] == 2
+    assert doc["targets"]["hook"]["lastError"]["code"] == "TARGET_UNAVAILABLE"
+    assert doc["acceptedAt"] == 1 and doc["updatedAt"] == 9
+
+
+def test_folding_an_entry_again_changes_nothing_and_a_replay_readmits() -> None:
+    steps = [
+        entry("delayed", 1, dueAt=50),
+        entry("dead_lettered", 60, target="pg", attempt=3, code="RETRIES_EXHAUSTED"),
+    ]
+    doc = None
+    for e in steps:
+        doc = fold(doc, e)
+    assert doc is not None and doc["status"] == "dlq" and doc["dueAt"] == 50
+    again = fold(orjson.loads(orjson.dumps(doc)), steps[0])
+    assert fold(again, steps[1]) == doc
+    replayed = fold(fold(doc, entry("accepted", 70)), entry("delivered", 71, target="pg"))
+    assert replayed["status"] == "completed"
+
+
+def test_a_rejected_request_says_why() -> None:
+    doc = fold(None, entry("rejected", 5, code="VALIDATION_ERROR", message="payload missing"))
+    assert doc["status"] == "rejected"
+    assert doc["error"] == {"code": "VALIDATION_ERROR", "message": "payload missing"}
+
+
+def test_the_book_keeps_the_most_recently_changed_and_forgets_by_partition() -> None:
+    book = StatusBook(capacity=3)
+    for n in range(4):
+        book.fold(n % 2, [{"id": f"m{n}", "ns": "o", "st": "accepted", "at": n}])
+    assert book.get("m0") is None and len(book) == 3
+    book.fold(1, [{"id": "m1", "ns": "o", "st": "delivered", "target": "pg", "at": 9}])
+    book.fold(0, [{"id": "m4", "ns": "o", "st": "accepted", "at": 10}])
+    assert book.get("m1") is not None and book.get("m2") is None
+    assert "_admittedAt" not in (book.get("m1") or {})
+    book.forget({1})
+    assert book.get("m1") is None and book.get("m3") is None and book.get("m4") is not None
