@@ -34,7 +34,7 @@ import orjson
 from app import backoff, metrics, topics
 from app.errors import ConfigError
 from app.fleet import fleet, settings
-from app.models import Namespace, TargetDef, TargetRef, WriteRequest
+from app.models import Lifecycle, Namespace, TargetDef, TargetRef, WriteRequest
 from app.topics import Record, deliver_topic
 from tables import ordering, stats, transactions
 from tables.namespaces import lookup
@@ -150,29 +150,35 @@ def _item(event: Any) -> Item:
 
 def _plan(item: Item) -> Record | None:
     """Work out the item's writes, one per target; a dead letter if it has none to make."""
-    try:
-        request = WriteRequest.model_validate(orjson.loads(item.raw or b"null"))
-    except (orjson.JSONDecodeError, ValueError) as exc:
-        return _dead_letter(item, "VALIDATION_ERROR", f"not a write request: {exc}"[:500])
-    namespace = lookup(request.namespace)
-    if namespace is None:
-        return _dead_letter(
-            item, "NAMESPACE_NOT_FOUND", f"namespace '{request.namespace}' was deleted"
-        )
+    admitted = _as_admitted(item)
+    if admitted is not None:  # the common case: nothing to check again
+        namespace, payload = admitted
+        refs: list[TargetRef] = []
+    else:
+        try:
+            request = WriteRequest.model_validate(orjson.loads(item.raw or b"null"))
+        except (orjson.JSONDecodeError, ValueError) as exc:
+            return _dead_letter(item, "VALIDATION_ERROR", f"not a write request: {exc}"[:500])
+        found = lookup(request.namespace)
+        if found is None:
+            return _dead_letter(
+                item, "NAMESPACE_NOT_FOUND", f"namespace '{request.namespace}' was deleted"
+            )
+        item.request = request
+        namespace, payload, refs = found, request.payload, request.targets
     item.namespace = namespace
-    item.request = request
-    message_id = item.headers.get(topics.MESSAGE_ID) or request.message_id
+    message_id = item.headers.get(topics.MESSAGE_ID) or (item.request and item.request.message_id)
     if not message_id:
         return _dead_letter(item, "VALIDATION_ERROR", "record has no wal-message-id header")
     only = item.headers.get(topics.TARGET)  # a retry is for one target only
-    for definition, ref in _targets_of(namespace, request):
+    for definition, ref in _targets_of(namespace, refs):
         if only and definition.identifier != only:
             continue
         options = ref.config.model_dump(exclude_none=True) if ref else {}
         item.writes[definition.identifier] = Write(
             id=message_id,
             namespace=namespace.name,
-            payload=request.payload,
+            payload=payload,
             operation=options.get("operation"),
             options=options,
             received_at_ms=int(item.headers.get(topics.RECEIVED_AT) or 0),
@@ -181,14 +187,48 @@ def _plan(item: Item) -> Record | None:
     return None
 
 
+def _as_admitted(item: Item) -> tuple[Namespace, dict[str, Any]] | None:
+    """(namespace, payload) of a record as ``wal-ingest`` admitted it, without validating again.
+
+    Ingest validated the request before it produced this record, so a record
+    with its message id header, a known namespace under its canonical name, a
+    payload object and no per-request targets needs only its payload read. Any
+    other record (written here by something else, or naming targets) is
+    validated in full by the caller.
+    """
+    if not item.headers.get(topics.MESSAGE_ID):
+        return None
+    try:
+        data = orjson.loads(item.raw or b"null")
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or "target" in data:
+        return None
+    name, payload = data.get("namespace"), data.get("payload")
+    if not isinstance(name, str) or not isinstance(payload, dict):
+        return None
+    namespace = lookup(name)
+    return (namespace, payload) if namespace is not None else None
+
+
+def _lifecycle(item: Item) -> Lifecycle:
+    """The request's lifecycle (validated when first needed: on a failure)."""
+    if item.request is None:
+        try:
+            item.request = WriteRequest.model_validate(orjson.loads(item.raw or b"null"))
+        except (orjson.JSONDecodeError, ValueError):
+            return Lifecycle()
+    return item.request.lifecycle
+
+
 def _targets_of(
-    namespace: Namespace, request: WriteRequest
+    namespace: Namespace, refs: list[TargetRef]
 ) -> list[tuple[TargetDef, TargetRef | None]]:
     if not namespace.targets:
         return [(JOURNAL, None)]
-    if not request.targets:
+    if not refs:
         return [(t, None) for t in namespace.targets if t.enabled]
-    found = [(namespace.target(ref.identifier), ref) for ref in request.targets if ref.enabled]
+    found = [(namespace.target(ref.identifier), ref) for ref in refs if ref.enabled]
     return [(d, ref) for d, ref in found if d is not None and d.enabled]
 
 
@@ -350,11 +390,12 @@ async def _deliver_group(
 
 def _after_failure(item: Item, identifier: str, outcome: Outcome) -> tuple[Record | None, bool]:
     """A failed write's next step: a retry in a delay tier (not final), or a dead letter."""
-    assert item.namespace is not None and item.request is not None
-    policy = backoff.effective(item.namespace.retry_policy, item.request.lifecycle.retry_policy)
+    assert item.namespace is not None
+    lifecycle = _lifecycle(item)
+    policy = backoff.effective(item.namespace.retry_policy, lifecycle.retry_policy)
     now = int(time.time() * 1000)
     received = int(item.headers.get(topics.RECEIVED_AT) or now)
-    expires = received + 1000 * (item.request.lifecycle.ttl or item.namespace.message_ttl_seconds)
+    expires = received + 1000 * (lifecycle.ttl or item.namespace.message_ttl_seconds)
     failure = f"{outcome.code}: {outcome.message}"
     if outcome.status == "retryable" and backoff.should_retry(policy, item.attempt, outcome.code):
         wait = backoff.delay_ms(policy, item.attempt, retry_after_s=outcome.retry_after)
@@ -496,5 +537,5 @@ def _dlq_topic(item: Item) -> str:
 
 def _dlq_disabled(item: Item) -> bool:
     namespace_off = item.namespace is not None and not item.namespace.dlq_config.enabled
-    request_off = item.request is not None and not item.request.lifecycle.enable_dlq
+    request_off = item.raw is not None and not _lifecycle(item).enable_dlq
     return namespace_off or request_off

@@ -17,6 +17,8 @@ from aiokafka.helpers import create_ssl_context
 from faust.sensors.prometheus import setup_prometheus_sensors
 
 from app import consumer
+from app.partitioner import partitioner
+from app.sensors import LeanMonitor
 from app.settings import Settings
 
 settings = Settings()
@@ -60,6 +62,7 @@ def create_app(s: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_linger_ms=s.producer_linger_ms,
+        producer_partitioner=partitioner,
         producer_max_request_size=16 * 1024 * 1024,
         broker_commit_interval=s.commit_interval_s,
         broker_commit_every=10_000,
@@ -99,6 +102,7 @@ async def heal_held_partitions() -> None:
 
 
 setup_prometheus_sensors(fleet, pattern="/metrics", name_prefix="faust")
+fleet.monitor = LeanMonitor(metrics=fleet.monitor._metrics)  # type: ignore[attr-defined]
 
 #: What a worker runs: every module of these packages, and the views.
 ROLE_PACKAGES = ("agents", "tables")

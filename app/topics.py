@@ -112,19 +112,67 @@ class Record:
     partition: int | None = None
 
 
-async def emit(records: Sequence[Record]) -> list[RecordMetadata]:
-    """Produce ``records`` with acks=all and wait until Kafka has them all.
+async def emit(records: Sequence[Record]) -> int:
+    """Produce ``records`` with acks=all and wait until Kafka has them all; return how many.
 
     Callers ack their source events only after this returns: that is what
     makes "commit a source offset only after what it caused is durable" true.
     A Kafka error propagates; callers keep their events unacked and retry.
+
+    Records go out as one batch per (topic, partition) per call, in order, with
+    partitions chosen as Kafka's default partitioner does (a keyed record by
+    its key's murmur2 hash, the same partition ``producer.send`` would pick):
+    one future per batch rather than per record, the largest per-record cost
+    of a busy agent after Faust's own (py-spy).
     """
-    producer = fleet.producer
-    futures = [
-        await producer.send(r.topic, r.key, r.value, r.partition, None, encode_headers(r.headers))
-        for r in records
-    ]
-    return list(await asyncio.gather(*futures))
+    producer = fleet.producer._ensure_producer()  # type: ignore[attr-defined]
+    groups: dict[tuple[str, int], list[Record]] = {}
+    for record in records:
+        partition = record.partition
+        if partition is None:
+            partition = await _partition_for(producer, record.topic, record.key)
+        groups.setdefault((record.topic, partition), []).append(record)
+    futures = []
+    for (topic, partition), members in groups.items():
+        batch = producer.create_batch()
+        for r in members:
+            headers = encode_headers(r.headers)
+            if batch.append(key=r.key, value=r.value, timestamp=None, headers=headers) is None:
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = producer.create_batch()
+                if batch.append(key=r.key, value=r.value, timestamp=None, headers=headers) is None:
+                    # larger than a batch on its own: the producer's own path splits nothing
+                    # either, but reports the size error the way callers expect
+                    futures.append(
+                        await producer.send(
+                            topic, r.value, key=r.key, partition=partition, headers=headers
+                        )
+                    )
+        if batch.record_count():
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+    await asyncio.gather(*futures)
+    return len(records)
+
+
+async def emit_one(record: Record) -> RecordMetadata:
+    """Produce one record with acks=all; its partition and offset once Kafka has it."""
+    future = await fleet.producer.send(
+        record.topic,
+        record.key,
+        record.value,
+        record.partition,
+        None,
+        encode_headers(record.headers),
+    )
+    meta: RecordMetadata = await future
+    return meta
+
+
+async def _partition_for(producer: Any, topic: str, key: bytes | None) -> int:
+    """The partition ``producer.send(topic, key=key)`` would choose."""
+    await producer.client._wait_on_metadata(topic)
+    partition: int = producer._partition(topic, None, key, None, key, None)
+    return partition
 
 
 async def emit_until_durable(records: Sequence[Record], *, what: str) -> None:

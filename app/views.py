@@ -139,7 +139,7 @@ class Write(WalView):
         record = deliver_record(admitted, raw, passthrough, f"http/{rid}", None)
         try:
             meta = await asyncio.wait_for(
-                topics.emit([record]), timeout=settings.http_produce_timeout_s
+                topics.emit_one(record), timeout=settings.http_produce_timeout_s
             )
         except Exception as exc:  # Kafka did not acknowledge: nothing was accepted
             fleet.log.warning(
@@ -157,9 +157,9 @@ class Write(WalView):
             "durable": True,
             "messageId": admitted.message_id,
             **({"transactionId": admitted.transaction_id} if admitted.transaction_id else {}),
-            "partition": meta[0].partition,
-            "offset": meta[0].offset,
-            "topic": meta[0].topic,
+            "partition": meta.partition,
+            "offset": meta.offset,
+            "topic": meta.topic,
             "timestamp": now_iso(),
             "message": "Message accepted for processing",
         }

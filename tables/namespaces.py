@@ -57,7 +57,7 @@ def lookup(name: str) -> Namespace | None:
     A stored config that no longer validates (written by hand, or by an older
     version) counts as unknown, and is logged once per version.
     """
-    raw = namespaces.get(name.encode())
+    raw = namespaces.data.get(name.encode())  # the store: no per-call sensors, on the hot path
     if raw is None:
         _parsed.pop(name, None)
         return None

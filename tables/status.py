@@ -28,8 +28,8 @@ from collections import OrderedDict, defaultdict
 from typing import Any
 
 import orjson
-from aiokafka.partitioner import murmur2
 
+from app.partitioner import partition_of
 from app.topics import Record
 
 #: Per-target steps, and the message status they add up to (worst first).
@@ -37,9 +37,9 @@ TARGET_STEPS = ("dead_lettered", "dropped", "failed", "retrying", "delivered")
 MESSAGE_STEPS = ("accepted", "delayed", "rejected")
 
 
-def partition_of(message_id: str, partitions: int) -> int:
+def status_partition(message_id: str, partitions: int) -> int:
     """The partition Kafka's default partitioner gives ``message_id`` as a key."""
-    return (murmur2(message_id.encode()) & 0x7FFFFFFF) % partitions
+    return partition_of(message_id.encode(), partitions)
 
 
 class Collector:
@@ -60,7 +60,7 @@ class Collector:
         """The noted entries as one record per ``wal-status`` partition; forgets them."""
         bundles: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for entry in self._entries:
-            bundles[partition_of(entry["id"], partitions)].append(entry)
+            bundles[status_partition(entry["id"], partitions)].append(entry)
         self._entries = []
         return [
             Record(topic, None, orjson.dumps(entries), {}, partition=p)

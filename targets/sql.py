@@ -33,6 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
@@ -78,7 +79,9 @@ class SqlTarget(Target):
             raise ConfigError(f"sql target {self.name}: mode must be 'journal' or 'rows'")
         try:
             self._password = sa.engine.make_url(url).password
-            self._engine = create_async_engine(url, pool_pre_ping=True, pool_size=4)
+            self._engine = create_async_engine(
+                url, pool_pre_ping=True, pool_size=4, json_serializer=_json_text
+            )
         except (sa_exc.ArgumentError, ImportError, ValueError) as exc:
             kind = type(exc).__name__
             raise ConfigError(f"sql target {self.name}: unusable url ({kind})") from None
@@ -316,6 +319,11 @@ class _RowsSpec:
             key = tuple(row[k] for k in self.keys)
             merged[key] = {**merged.get(key, {}), **row}
         return list(merged.values())
+
+
+def _json_text(value: Any) -> str:
+    """JSON columns' serializer: orjson, several times faster than the stdlib's on payloads."""
+    return orjson.dumps(value).decode()
 
 
 def _journal_table(metadata: sa.MetaData, name: str) -> sa.Table:

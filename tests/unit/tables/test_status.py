@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 from aiokafka.partitioner import DefaultPartitioner
 
-from tables.status import Collector, StatusBook, fold, partition_of
+from tables.status import Collector, StatusBook, fold, status_partition
 
 
 def entry(step: str, at: int, **fields: object) -> dict[str, object]:
@@ -16,7 +16,7 @@ def test_an_id_lands_in_the_partition_kafkas_default_partitioner_gives_its_key()
     partitioner = DefaultPartitioner()
     for n in range(200):
         key = f"wal_{n:05d}"
-        assert partition_of(key, 8) == partitioner(key.encode(), list(range(8)), list(range(8)))
+        assert status_partition(key, 8) == partitioner(key.encode(), list(range(8)), list(range(8)))
 
 
 def test_a_batch_goes_out_as_one_bundle_per_partition() -> None:
@@ -30,7 +30,7 @@ def test_a_batch_goes_out_as_one_bundle_per_partition() -> None:
     seen = []
     for record in records:
         entries = orjson.loads(record.value or b"")
-        assert {partition_of(e["id"], 4) for e in entries} == {record.partition}
+        assert {status_partition(e["id"], 4) for e in entries} == {record.partition}
         seen += [e["id"] for e in entries]
     assert sorted(seen) == sorted(ids)
     assert collector.drain("wal-status", 4) == []
