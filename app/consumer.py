@@ -13,7 +13,9 @@ there (compaction, transaction markers: ``_gap``). The partition's commits then
 wait for that record, and :meth:`StrictConsumer.heal` (run by a timer) seeks a
 partition held that way for too long back to its committed offset, so the
 record is fetched and processed again - late, never lost. Records after it are
-delivered again too; the targets' idempotency absorbs that.
+delivered again too; the targets' idempotency absorbs that. A partition whose
+handed-over records were neither acked nor are still in flight (and nothing
+after them arrives to be acked) is *stranded*, and healed the same way.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class StrictConsumer(driver.Consumer):
         flow = self.app.flow_control
         channels_of = self.app.topics._topic_name_index  # type: ignore[attr-defined]
         read_offsets = self._read_offset
+        handed = self.handed
         acks_enabled_for = self.app.topics.acks_enabled_for
         commit_every = self._commit_every
         stopped = self._stopped.is_set
@@ -93,7 +96,7 @@ class StrictConsumer(driver.Consumer):
                         await callback(message)
                     else:
                         await self.wait_first(callback(message), self.suspend_flow.wait())
-                    read_offsets[tp] = offset
+                    read_offsets[tp] = handed[tp] = offset
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -118,9 +121,43 @@ class StrictConsumer(driver.Consumer):
         """
         self._unacked_messages.discard(message)
 
+    @property
+    def handed(self) -> dict[TP, int]:
+        """The offset of the last record handed to the streams, per partition."""
+        return self.__dict__.setdefault("_handed", {})
+
+    def stranded(self, now: float) -> None:
+        """Note partitions whose records were handed over, never acked, and are gone.
+
+        A record Faust handed to a stream (``_read_offset`` at or past the
+        committed offset) that is neither acked nor still tracked as unacked
+        was lost in flight - dropped by a flow-control clear, or fetched while
+        its partition was inactive - and nothing later will be acked to make
+        :meth:`_new_offset` notice: the partition's commits would wait for it
+        for good. Partitions paused on purpose (delay tiers park theirs) are
+        not counted.
+        """
+        in_flight = {m.tp for m in list(self._unacked_messages)}
+        for tp in self.assignment():
+            committed = self._committed_offset.get(tp)
+            last = self.handed.get(tp)
+            if (
+                committed is None
+                or last is None
+                or last < committed
+                or self._read_offset.get(tp) != last  # sought since: not read yet
+                or self._acked.get(tp)
+                or tp in in_flight
+                or tp in self._paused_partitions
+                or not self.app.topics.acks_enabled_for(tp.topic)
+            ):
+                continue
+            self.held.setdefault(tp, now)
+
     async def heal(self, after: float) -> list[TP]:
         """Re-read partitions held for ``after`` seconds or more from their committed offset."""
         now = monotonic()
+        self.stranded(now)
         healed = []
         for tp, since in list(self.held.items()):
             if now - since < after:

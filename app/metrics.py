@@ -38,7 +38,7 @@ BATCH_SIZE = Histogram(
     "wal_batch_size",
     "Events per batch taken by an agent.",
     ["agent"],
-    buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 5000),
+    buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2000, 5000),
 )
 CIRCUIT_STATE = Gauge(
     "wal_circuit_state",

@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     """WAL_REDIS_URL: URL of the default Redis target."""
 
-    batch_size: int = Field(default=500, ge=1, le=100_000)
+    batch_size: int = Field(default=2000, ge=1, le=100_000)
     """WAL_BATCH_SIZE: most events an agent takes from its stream at once."""
 
     batch_within_ms: int = Field(default=50, ge=1, le=60_000)

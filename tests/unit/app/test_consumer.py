@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 from faust.types import TP
 from intervaltree import IntervalTree
@@ -12,12 +14,27 @@ from app.consumer import StrictConsumer
 TP0 = TP("wal-ingest", 0)
 
 
+@dataclass(frozen=True)
+class InFlight:
+    tp: TP
+
+
+class Topics:
+    def acks_enabled_for(self, topic: str) -> bool:
+        return True
+
+
 def consumer(acked: list[int], committed: int | None) -> StrictConsumer:
     c = StrictConsumer.__new__(StrictConsumer)
     c._acked = defaultdict(list, {TP0: sorted(acked)})
     c._acked_index = defaultdict(set, {TP0: set(acked)})
     c._committed_offset = defaultdict(lambda: None, {TP0: committed})
     c._gap = defaultdict(IntervalTree)
+    c._read_offset = defaultdict(lambda: None)
+    c._unacked_messages = set()  # type: ignore[assignment]
+    c._paused_partitions = set()
+    c.app = SimpleNamespace(topics=Topics())  # type: ignore[assignment]
+    c.assignment = lambda: {TP0}  # type: ignore[method-assign]
     return c
 
 
@@ -47,7 +64,7 @@ async def test_a_held_partition_is_re_read_from_its_committed_offset() -> None:
     async def seek(tp: TP, offset: int) -> None:
         sought.append((tp, offset))
 
-    c.seek = seek  # type: ignore[method-assign]
+    c.seek = seek  # type: ignore[method-assign,assignment]
     c.assignment = lambda: {TP0}  # type: ignore[method-assign]
     c.log = __import__("logging").getLogger("test")
     assert c._new_offset(TP0) is None and TP0 in c.held
@@ -55,6 +72,29 @@ async def test_a_held_partition_is_re_read_from_its_committed_offset() -> None:
     c.held[TP0] -= 61
     assert await c.heal(after=60) == [TP0]
     assert sought == [(TP0, 10)] and TP0 not in c.held
+
+
+def test_records_handed_over_and_gone_strand_their_partition() -> None:
+    c = consumer([], committed=10)
+    c.handed[TP0] = c._read_offset[TP0] = 14  # 10..14 handed to the streams
+    c._unacked_messages = {InFlight(TP0)}  # type: ignore[arg-type]
+    c.stranded(now=1.0)
+    assert TP0 not in c.held  # still being worked on
+    c._unacked_messages = set()  # type: ignore[assignment]
+    c._paused_partitions = {TP0}
+    c.stranded(now=2.0)
+    assert TP0 not in c.held  # parked on purpose (a delay tier)
+    c._paused_partitions = set()
+    c.stranded(now=3.0)
+    assert c.held[TP0] == 3.0  # neither acked nor in flight: lost on the way
+
+
+def test_a_partition_sought_back_and_not_read_yet_is_not_stranded() -> None:
+    c = consumer([], committed=10)
+    c.handed[TP0] = 14
+    c._read_offset[TP0] = 10  # a seek to the committed offset; 10.. not fetched yet
+    c.stranded(now=1.0)
+    assert TP0 not in c.held
 
 
 async def test_flow_control_keeps_queued_records_on_a_redundant_resume() -> None:
