@@ -39,6 +39,7 @@ from typing import Any
 from faust.types import TP
 
 from app import topics
+from app.batching import batches
 from app.fleet import fleet, settings
 from app.topics import DELAY_TIERS, Record, delay_topics, tier_name
 
@@ -200,7 +201,9 @@ def _make_agent(tier_seconds: int) -> Any:
         holding = Holding()
         forwarder = asyncio.ensure_future(_forward_held(stream, holding))
         try:
-            async for events in stream.noack_take(settings.batch_size, 0.2):
+            async for events in batches(
+                stream, settings.batch_size, settings.batch_within_ms / 1000
+            ):
                 ready: list[tuple[Any, Record]] = []
                 now_ms = int(time.time() * 1000)
                 for event in events:

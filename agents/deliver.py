@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from app import backoff, metrics, topics
+from app.batching import batches
 from app.errors import ConfigError
 from app.fleet import fleet, settings
 from app.models import Lifecycle, Namespace, TargetDef, TargetRef, WriteRequest
@@ -116,7 +117,7 @@ async def target_for(namespace: str, definition: TargetDef) -> Target:
 @fleet.agent(deliver_topic, concurrency=1)
 async def deliver(stream: Any) -> None:
     """Deliver every record on ``wal-deliver``; never raises (faust #175)."""
-    async for events in stream.noack_take(settings.batch_size, settings.batch_within_ms / 1000):
+    async for events in batches(stream, settings.batch_size, settings.batch_within_ms / 1000):
         metrics.BATCH_SIZE.labels("deliver").observe(len(events))
         items = [_item(event) for event in events]
         follow_ups = [r for item in items if (r := _plan(item)) is not None]

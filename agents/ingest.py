@@ -25,6 +25,7 @@ import orjson
 from pydantic import ValidationError
 
 from app import metrics, topics
+from app.batching import batches
 from app.errors import Rejected
 from app.fleet import fleet, settings
 from app.models import Mutation, Namespace, ShardStrategy, WriteRequest
@@ -291,7 +292,7 @@ def dead_letter(
 @fleet.agent(ingest_topic, concurrency=1)
 async def ingest(stream: Any) -> None:
     """Admit or dead-letter every ingest record; never raises (faust #175)."""
-    async for events in stream.noack_take(settings.batch_size, settings.batch_within_ms / 1000):
+    async for events in batches(stream, settings.batch_size, settings.batch_within_ms / 1000):
         metrics.BATCH_SIZE.labels("ingest").observe(len(events))
         records = [_route(event) for event in events]
         records += _stats_deltas(records)

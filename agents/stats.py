@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from app import metrics, topics
+from app.batching import batches
 from app.fleet import fleet
 from app.topics import stats_topic
 from tables import changelog_record
@@ -26,7 +27,7 @@ WITHIN_S = 0.5
 @fleet.agent(stats_topic, concurrency=1)
 async def fold_stats(stream: Any) -> None:
     """Fold every delta on ``wal-stats``; never raises."""
-    async for events in stream.noack_take(BATCH, WITHIN_S):
+    async for events in batches(stream, BATCH, WITHIN_S):
         metrics.BATCH_SIZE.labels("stats").observe(len(events))
         try:
             folded = _fold_batch(events, int(time.time() * 1000))

@@ -20,6 +20,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from app import metrics
+from app.batching import batches
 from app.fleet import fleet, settings
 from app.topics import NAMES, admin_security, status_topic
 from tables.status import StatusBook
@@ -34,7 +35,7 @@ _rebuilding: set[asyncio.Task[None]] = set()
 @fleet.agent(status_topic, concurrency=1)
 async def fold_statuses(stream: Any) -> None:
     """Fold every bundle on ``wal-status``; never raises."""
-    async for events in stream.noack_take(BATCH, WITHIN_S):
+    async for events in batches(stream, BATCH, WITHIN_S):
         metrics.BATCH_SIZE.labels("status").observe(len(events))
         skipped = _fold([(e.message.partition, e.message.offset, e.message.value) for e in events])
         if skipped:

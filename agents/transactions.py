@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from app import metrics, topics
+from app.batching import batches
 from app.fleet import fleet, settings
 from app.topics import Record
 from tables import transactions as txns
@@ -34,7 +35,7 @@ _forgets_sent: set[str] = set()
 @fleet.agent(txn_events_topic, concurrency=1)
 async def transactions(stream: Any) -> None:
     """Fold every transaction event and dispatch what it calls for; never raises."""
-    async for events in stream.noack_take(settings.batch_size, settings.batch_within_ms / 1000):
+    async for events in batches(stream, settings.batch_size, settings.batch_within_ms / 1000):
         metrics.BATCH_SIZE.labels("transactions").observe(len(events))
         states: dict[str, dict[str, Any] | None] = {}
         records: list[Record] = []
