@@ -39,6 +39,13 @@ class StrictConsumer(driver.Consumer):
     def _new_offset(self, tp: TP) -> int | None:
         acked = self._acked[tp]
         committed = self._committed_offset[tp]
+        if acked:
+            # A record read twice (re-read after a seek) is acked twice; Faust's
+            # run-of-consecutive-offsets then stops at every repeat and commits
+            # crawl. Repeats and offsets already committed say nothing new.
+            fresh = sorted({o for o in acked if committed is None or o >= committed})
+            if fresh != acked:
+                acked[:] = fresh
         if acked and committed is not None and not self._gap[tp] and min(acked) > committed:
             self.held.setdefault(tp, monotonic())
             return None  # the record at `committed` was not acked: do not pass it
@@ -53,8 +60,10 @@ class StrictConsumer(driver.Consumer):
         and an ``asyncio.wait`` per record, so that a rebalance can abandon a
         callback blocked on a full stream buffer. In a busy worker that was about
         a sixth of the main thread (py-spy). Here the callback is awaited directly
-        when it cannot block - flow running and no queue of the record's topic
-        full - and through ``wait_first`` otherwise. Everything else is as in
+        when it cannot block - the app's and the consumer's flow both running
+        (while the consumer's is suspended, Faust drops what it fetched: the
+        seek after a rebalance reads it again) and no queue of the record's
+        topic full - and through ``wait_first`` otherwise. Everything else is as in
         Faust: records below the read offset are dropped, offset gaps are
         recorded, ``broker_commit_every`` commits, and the loop yields to the
         event loop every 100 records.
@@ -67,6 +76,7 @@ class StrictConsumer(driver.Consumer):
         acks_enabled_for = self.app.topics.acks_enabled_for
         commit_every = self._commit_every
         stopped = self._stopped.is_set
+        suspended = self.suspend_flow.is_set
         fetcher_stopped = fetcher._stopped.is_set
         since_yield = 0
         try:
@@ -90,8 +100,12 @@ class StrictConsumer(driver.Consumer):
                     if commit_every is not None and self._n_acked >= commit_every:
                         self._n_acked = 0
                         await self.commit()
-                    if flow.is_active() and not any(
-                        channel.queue.full() for channel in channels_of.get(tp.topic, ())
+                    if (
+                        flow.is_active()
+                        and not suspended()
+                        and not any(
+                            channel.queue.full() for channel in channels_of.get(tp.topic, ())
+                        )
                     ):
                         await callback(message)
                     else:
