@@ -47,12 +47,17 @@ def worker(loglevel: str | None) -> None:
     if created:
         logging.getLogger("wal.worker").info("created topics: %s", ", ".join(created))
     discover()
-    faust.Worker(
+    runner = faust.Worker(
         fleet,
         loglevel=level,
         logging_config=config,
-        quiet=settings.log_format == "json",  # no banner or spinner among the JSON lines
-    ).execute_from_commandline()
+        quiet=settings.log_format == "json",  # no banner among the JSON lines
+    )
+    # Faust's terminal spinner, at WARNING and above, sets the root logger to DEBUG
+    # so that every record spins it: aiokafka's per-fetch debug records then cost a
+    # fifth of a busy worker's CPU (py-spy), and the handler drops them anyway.
+    runner.spinner = None
+    runner.execute_from_commandline()
 
 
 # -- namespaces ----------------------------------------------------------------------------
