@@ -97,7 +97,7 @@ class Settings(BaseSettings):
 
     status_capacity: int = Field(default=50_000, ge=100)
     """WAL_STATUS_CAPACITY: most message statuses one worker keeps in memory (the
-    oldest go first, about 400 B each)."""
+    oldest go first, about 600 B each)."""
 
     http_produce_timeout_s: float = Field(default=5.0, gt=0, le=120)
     """WAL_HTTP_PRODUCE_TIMEOUT_S: how long POST /wal/write waits for Kafka before 503."""

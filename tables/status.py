@@ -122,6 +122,16 @@ def overall(doc: dict[str, Any]) -> str:
     return "delayed" if doc.get("admission") == "delayed" else "pending"
 
 
+def compact(raw: bytes) -> bytes:
+    """``raw`` in a bytes object of its own size.
+
+    orjson's output keeps the capacity of its write buffer (about 4 KiB for a
+    200-byte document, measured): harmless for a record on its way to Kafka,
+    twenty times the data for a value kept in memory.
+    """
+    return bytes(memoryview(raw))
+
+
 class StatusBook:
     """The statuses of the ids in this worker's ``wal-status`` partitions, bounded."""
 
@@ -137,7 +147,7 @@ class StatusBook:
             message_id = entry["id"]
             held = self._docs.pop(message_id, None)
             doc = fold(orjson.loads(held[1]) if held else None, entry)
-            self._docs[message_id] = (partition, orjson.dumps(doc))
+            self._docs[message_id] = (partition, compact(orjson.dumps(doc)))
         while len(self._docs) > self.capacity:
             self._docs.popitem(last=False)
 
