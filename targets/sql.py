@@ -113,8 +113,9 @@ class SqlTarget(Target):
         try:
             await self._prepare()
         except Exception as exc:  # nothing can apply before the tables are there
+            # Not the writes' fault: retryable under every policy, whatever the cause.
             outcome = self._classify(exc)
-            return [retryable(outcome.code or "TARGET_ERROR", outcome.message)] * len(batch)
+            return [retryable("TARGET_UNAVAILABLE", outcome.message)] * len(batch)
         outcomes: list[Outcome | None] = [None] * len(batch)
         first: dict[tuple[str, str], int] = {}  # the first item of each id; copies are replays
         plans: list[_Plan] = []
@@ -158,12 +159,21 @@ class SqlTarget(Target):
         if self._ready:
             return
         async with self._ready_lock:
-            if not self._ready:
-                async with self.engine.begin() as conn:
-                    await conn.run_sync(self._metadata.create_all)
-                    if self.mode == "rows":
-                        self._rows.table = await conn.run_sync(self._rows.reflect)
-                self._ready = True
+            for attempt in range(3):
+                if self._ready:
+                    return
+                try:
+                    async with self.engine.begin() as conn:
+                        await conn.run_sync(self._metadata.create_all)
+                        if self.mode == "rows":
+                            self._rows.table = await conn.run_sync(self._rows.reflect)
+                    self._ready = True
+                except (sa_exc.ProgrammingError, sa_exc.IntegrityError) as exc:
+                    # Another worker created the table between our check and our
+                    # CREATE (PostgreSQL: DuplicateTable/DuplicateObject on its row
+                    # type): the next create_all finds it there.
+                    if "already exists" not in str(exc) or attempt == 2:
+                        raise
 
     async def _apply(self, conn: AsyncConnection, plans: list[_Plan]) -> None:
         if self.mode == "journal":
