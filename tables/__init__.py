@@ -12,6 +12,16 @@ from typing import Any
 from app.topics import Record
 
 
+def compact(raw: bytes) -> bytes:
+    """``raw`` in a bytes object of its own size, for values kept in memory.
+
+    orjson's output keeps the capacity of its write buffer (about 4 KiB for a
+    200-byte document, measured): harmless for a record on its way to Kafka,
+    twenty times the data for a value a table or book holds.
+    """
+    return bytes(memoryview(raw))
+
+
 def changelog_record(table: Any, key: bytes, value: bytes | None) -> Record:
     """Set ``key`` in ``table``'s store and return the changelog record to emit for it.
 
@@ -24,5 +34,5 @@ def changelog_record(table: Any, key: bytes, value: bytes | None) -> Record:
     if value is None:
         table.data.pop(key, None)
     else:
-        table.data[key] = bytes(memoryview(value))  # orjson's output keeps ~4 KiB of spare room
+        table.data[key] = compact(value)
     return Record(table.changelog_topic.get_topic_name(), key, value, {})
