@@ -15,7 +15,7 @@ Outcomes steer what happens next:
 ``lifecycle.enableDLQ: false`` (or a namespace's ``dlqConfig.enabled: false``)
 drops what would be dead-lettered: counted and logged, never silent.
 
-The batch's events are acked only once every item is delivered or durably
+The batch's records are acked only once every item is delivered or durably
 dead-lettered: a crash replays the batch, and the targets' ledgers make the
 replay change nothing.
 """
@@ -32,9 +32,9 @@ from typing import Any
 import orjson
 
 from app import backoff, metrics, topics
-from app.batching import batches
 from app.errors import ConfigError
 from app.fleet import fleet, settings
+from app.lanes import batches
 from app.models import Lifecycle, Namespace, TargetDef, TargetRef, WriteRequest
 from app.topics import Record, deliver_topic
 from tables import ordering, stats, transactions
@@ -63,9 +63,8 @@ JOURNAL = TargetDef(identifier="journal", type="sql", config={})
 
 @dataclass(slots=True)
 class Item:
-    """One event of a batch on its way to its targets."""
+    """One record of a batch on its way to its targets."""
 
-    event: Any
     raw: bytes | None
     headers: dict[str, str]
     key: bytes | None
@@ -117,9 +116,9 @@ async def target_for(namespace: str, definition: TargetDef) -> Target:
 @fleet.agent(deliver_topic, concurrency=1)
 async def deliver(stream: Any) -> None:
     """Deliver every record on ``wal-deliver``; never raises (faust #175)."""
-    async for events in batches(stream, settings.batch_size, settings.batch_within_ms / 1000):
-        metrics.BATCH_SIZE.labels("deliver").observe(len(events))
-        items = [_item(event) for event in events]
+    async for batch in batches(stream, settings.batch_size, settings.batch_within_ms / 1000):
+        metrics.BATCH_SIZE.labels("deliver").observe(len(batch))
+        items = [_item(message) for message in batch.records]
         follow_ups = [r for item in items if (r := _plan(item)) is not None]
         follow_ups += await _deliver_all(items)
         follow_ups += _stats_deltas()
@@ -128,20 +127,18 @@ async def deliver(stream: Any) -> None:
             await topics.emit_until_durable(
                 follow_ups, what=f"{len(follow_ups)} retries/dead letters"
             )
-        for event in events:
-            await stream.ack(event)
+        batch.ack()
         log.info(
             "delivered a batch of %d (%d follow-up records)",
-            len(events),
+            len(batch),
             len(follow_ups),
-            extra={"agent": "deliver", "count": len(events)},
+            extra={"agent": "deliver", "count": len(batch)},
         )
 
 
-def _item(event: Any) -> Item:
-    message = event.message
+def _item(message: Any) -> Item:
+    """One ``wal-deliver`` record (aiokafka's ``ConsumerRecord``) as an item."""
     return Item(
-        event=event,
         raw=message.value,
         headers=topics.decode_headers(message.headers),
         key=message.key,

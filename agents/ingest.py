@@ -6,7 +6,7 @@ goes to the dead-letter topic with the reason in headers). Nothing a client
 can send stops this stream. The HTTP ingest (``POST /wal/write``) runs the
 same :func:`admit` before it produces to ``wal-ingest``.
 
-Offsets: a batch's events are acked only after every record they caused is
+Offsets: a batch's records are acked only after every record they caused is
 acknowledged by Kafka (acks=all), so a crash replays them; the message id is
 derived from the source coordinates, so a replay yields the same id and the
 targets apply it once.
@@ -25,9 +25,9 @@ import orjson
 from pydantic import ValidationError
 
 from app import metrics, topics
-from app.batching import batches
 from app.errors import Rejected
 from app.fleet import fleet, settings
+from app.lanes import batches
 from app.models import Mutation, Namespace, ShardStrategy, WriteRequest
 from app.topics import Record, ingest_topic
 from tables import stats
@@ -292,24 +292,24 @@ def dead_letter(
 @fleet.agent(ingest_topic, concurrency=1)
 async def ingest(stream: Any) -> None:
     """Admit or dead-letter every ingest record; never raises (faust #175)."""
-    async for events in batches(stream, settings.batch_size, settings.batch_within_ms / 1000):
-        metrics.BATCH_SIZE.labels("ingest").observe(len(events))
-        records = [_route(event) for event in events]
+    async for batch in batches(stream, settings.batch_size, settings.batch_within_ms / 1000):
+        metrics.BATCH_SIZE.labels("ingest").observe(len(batch))
+        records = [_route(message) for message in batch.records]
         records += _stats_deltas(records)
         records += STATUS.drain(topics.NAMES["status"], settings.partitions)
         await topics.emit_until_durable(records, what=f"{len(records)} ingest records")
-        for event in events:
-            await stream.ack(event)
+        batch.ack()
         log.info(
-            "ingested a batch of %d", len(events), extra={"agent": "ingest", "count": len(events)}
+            "ingested a batch of %d", len(batch), extra={"agent": "ingest", "count": len(batch)}
         )
 
 
-def _route(event: Any) -> Record:
-    message = event.message
+def _route(message: Any) -> Record:
+    """One ingest record (aiokafka's ``ConsumerRecord``) → its next record."""
     headers = topics.decode_headers(message.headers)
     source = f"{message.topic}/{message.partition}/{message.offset}"
-    timestamp_ms = int((message.timestamp or time.time()) * 1000)
+    timestamp_ms = message.timestamp if message.timestamp and message.timestamp > 0 else 0
+    timestamp_ms = timestamp_ms or int(time.time() * 1000)
     try:
         admitted = admit(
             message.value,

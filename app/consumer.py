@@ -27,7 +27,11 @@ from typing import Any
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as driver
 from faust.types import TP
+from faust.types.tuples import ack_lock
+from mode.utils.futures import notify
 from mode.utils.queues import FlowControlEvent
+
+from app.lanes import Chunk, Lane, lanes_of
 
 
 class StrictConsumer(driver.Consumer):
@@ -53,64 +57,48 @@ class StrictConsumer(driver.Consumer):
         return super()._new_offset(tp)
 
     async def _drain_messages(self, fetcher: Any) -> None:
-        """Faust's fetch loop, without two tasks per record when a record cannot block.
+        """Faust's fetch loop, with lanes, and without two tasks per record.
 
-        Faust hands every record to the conductor through
-        ``wait_first(callback(record), suspend_flow.wait())``: two tasks, a future
-        and an ``asyncio.wait`` per record, so that a rebalance can abandon a
-        callback blocked on a full stream buffer. In a busy worker that was about
-        a sixth of the main thread (py-spy). Here the callback is awaited directly
-        when it cannot block - the app's and the consumer's flow both running
-        (while the consumer's is suspended, Faust drops what it fetched: the
-        seek after a rebalance reads it again) and no queue of the record's
-        topic full - and through ``wait_first`` otherwise. Everything else is as in
-        Faust: records below the read offset are dropped, offset gaps are
-        recorded, ``broker_commit_every`` commits, and the loop yields to the
-        event loop every 100 records.
+        Records of a topic with a lane (:mod:`app.lanes`) are handed over a
+        partition's fetch at a time, as one chunk. Every other record goes to
+        the conductor as in Faust, which hands it over through
+        ``wait_first(callback(record), suspend_flow.wait())``: two tasks, a
+        future and an ``asyncio.wait`` per record, so that a rebalance can
+        abandon a callback blocked on a full stream buffer. Here the callback
+        is awaited directly when it cannot block - the app's and the
+        consumer's flow both running (while the consumer's is suspended, Faust
+        drops what it fetched: the seek after a rebalance reads it again) and
+        no queue of the record's topic full - and through ``wait_first``
+        otherwise. Everything else is as in Faust: records below the read
+        offset are dropped, offset gaps are recorded, ``broker_commit_every``
+        commits, a fetch of another generation is abandoned, and the loop
+        yields to the event loop every 100 records.
         """
-        callback = self.callback
-        flow = self.app.flow_control
-        channels_of = self.app.topics._topic_name_index  # type: ignore[attr-defined]
-        read_offsets = self._read_offset
-        handed = self.handed
-        acks_enabled_for = self.app.topics.acks_enabled_for
-        commit_every = self._commit_every
+        lanes = lanes_of(self.app)
         stopped = self._stopped.is_set
-        suspended = self.suspend_flow.is_set
         fetcher_stopped = fetcher._stopped.is_set
-        since_yield = 0
         try:
             while not (stopped() or fetcher_stopped()):
                 self.diag.set_flag(CONSUMER_FETCHING)
-                records = self.getmany(timeout=1.0)
+                fetched, active = await self._wait_next_records(1.0)
                 await self.sleep(0)
-                if self.should_stop:
+                if not fetched or self.should_stop:
                     continue
-                async for tp, message in records:
-                    since_yield += 1
-                    if since_yield > 100:
-                        await asyncio.sleep(0)
-                        since_yield = 0
-                    offset = message.offset
-                    read = read_offsets[tp]
-                    if read is not None and offset < read:
-                        continue  # before a seek's new position: read again after it
-                    if read and offset - read > 1 and acks_enabled_for(message.topic):
-                        await self._add_gap(tp, read + 1, offset)
-                    if commit_every is not None and self._n_acked >= commit_every:
-                        self._n_acked = 0
-                        await self.commit()
-                    if (
-                        flow.is_active()
-                        and not suspended()
-                        and not any(
-                            channel.queue.full() for channel in channels_of.get(tp.topic, ())
-                        )
-                    ):
-                        await callback(message)
-                    else:
-                        await self.wait_first(callback(message), self.suspend_flow.wait())
-                    read_offsets[tp] = handed[tp] = offset
+                if not self.flow_active:
+                    await self._seek_back()
+                    continue
+                generation = self.app.consumer_generation_id
+                rest = {}
+                for tp, records in fetched.items():
+                    if not (active is None or tp in active or tp in self._buffered_partitions):
+                        continue
+                    lane = lanes.get(tp.topic)
+                    if lane is None:
+                        rest[tp] = records
+                    elif not await self._to_lane(lane, tp, records, generation):
+                        break
+                if rest:
+                    await self._to_streams(rest, generation)
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -125,6 +113,123 @@ class StrictConsumer(driver.Consumer):
             raise
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
+
+    async def _seek_back(self) -> None:
+        self.log.dev("fetched while flow not active: seek back to committed offsets")
+        try:
+            await self.perform_seek()
+        except Exception as exc:
+            self.log.warning("exception performing seek when flow not active %r", exc)
+
+    async def _to_lane(self, lane: Lane, tp: TP, records: list[Any], generation: int) -> bool:
+        """Hand one partition's fetched records to its lane; False if the flow stopped."""
+        read = self._read_offset[tp]
+        if read is not None and records[0].offset < read:
+            records = [r for r in records if r.offset >= read]
+            if not records:
+                return True
+        if read and self.app.topics.acks_enabled_for(tp.topic):
+            await self._record_gaps(tp, read, records)
+        if self._commit_every is not None and self._n_acked >= self._commit_every:
+            self._n_acked = 0
+            await self.commit()
+        if lane.full():
+            await self.wait_first(lane.wait_room(), self.suspend_flow.wait())
+        if (
+            not self.flow_active
+            or self.suspend_flow.is_set()
+            or self.app.consumer_generation_id != generation
+        ):
+            return False  # a rebalance began: the seek after it reads these again
+        self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+        lane.put(Chunk(tp, records, generation))
+        last = records[-1].offset
+        self._read_offset[tp] = self.handed[tp] = last
+        on_records_in = getattr(self.app.monitor, "on_records_in", None)
+        if on_records_in is not None:
+            on_records_in(tp, len(records), last)
+        return True
+
+    async def _record_gaps(self, tp: TP, read: int, records: list[Any]) -> None:
+        """Note offsets missing before and between ``records`` (compaction, markers)."""
+        if records[-1].offset - read == len(records):
+            return  # the common case: consecutive from the read offset on
+        previous = read
+        for record in records:
+            if record.offset - previous > 1:
+                await self._add_gap(tp, previous + 1, record.offset)
+            previous = record.offset
+
+    async def _to_streams(self, fetched: dict[TP, list[Any]], generation: int) -> None:
+        """Records of topics without a lane, one by one to the conductor, as Faust does."""
+        callback = self.callback
+        flow = self.app.flow_control
+        channels_of = self.app.topics._topic_name_index  # type: ignore[attr-defined]
+        read_offsets = self._read_offset
+        handed = self.handed
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        commit_every = self._commit_every
+        suspended = self.suspend_flow.is_set
+        to_message = self._to_message
+        since_yield = 0
+        for tp, record in self.scheduler.iterate(fetched):
+            if not self.flow_active or self.app.consumer_generation_id != generation:
+                break
+            self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+            message = to_message(tp, record)
+            since_yield += 1
+            if since_yield > 100:
+                await asyncio.sleep(0)
+                since_yield = 0
+            offset = message.offset
+            read = read_offsets[tp]
+            if read is not None and offset < read:
+                continue  # before a seek's new position: read again after it
+            if read and offset - read > 1 and acks_enabled_for(message.topic):
+                await self._add_gap(tp, read + 1, offset)
+            if commit_every is not None and self._n_acked >= commit_every:
+                self._n_acked = 0
+                await self.commit()
+            if (
+                flow.is_active()
+                and not suspended()
+                and not any(channel.queue.full() for channel in channels_of.get(tp.topic, ()))
+            ):
+                await callback(message)
+            else:
+                await self.wait_first(callback(message), self.suspend_flow.wait())
+            read_offsets[tp] = handed[tp] = offset
+
+    def ack_chunk(self, chunk: Chunk) -> None:
+        """Ack a lane chunk's records, unless a rebalance came between fetch and ack."""
+        tp = chunk.tp
+        if chunk.generation != self.app.consumer_generation_id:
+            return  # read again from the committed offset after the rebalance's seek
+        if not self.app.topics.acks_enabled_for(tp.topic):
+            return
+        with ack_lock:
+            committed = self._committed_offset[tp]
+            index = self._acked_index[tp]
+            fresh = [
+                r.offset
+                for r in chunk.records
+                if (committed is None or r.offset >= committed) and r.offset not in index
+            ]
+            if fresh:
+                index.update(fresh)
+                self._acked[tp].extend(fresh)
+                self._n_acked += len(fresh)
+            notify(self._waiting_for_ack)
+
+    async def wait_empty(self) -> None:
+        """Faust's wait for events being worked on, and for batches taken from lanes."""
+        for lane in lanes_of(self.app).values():
+            while lane.taken and not self.should_stop:
+                try:
+                    await asyncio.wait_for(lane.wait_idle(), 10)
+                except TimeoutError:
+                    self.log.warning("wait_empty: still waiting for %r", lane)
+        await super().wait_empty()
 
     def release(self, message: Any) -> None:
         """Give ``message`` back to Kafka unprocessed: it will be read again, after a seek.
@@ -152,6 +257,8 @@ class StrictConsumer(driver.Consumer):
         not counted.
         """
         in_flight = {m.tp for m in list(self._unacked_messages)}
+        for lane in lanes_of(self.app).values():
+            in_flight |= lane.pending()
         for tp in self.assignment():
             committed = self._committed_offset.get(tp)
             last = self.handed.get(tp)

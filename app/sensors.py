@@ -31,23 +31,27 @@ class LeanMonitor(PrometheusMonitor):
         self._by_stream: dict[Any, Any] = {}
 
     def on_message_in(self, tp: TP, offset: int, message: Any) -> None:
+        self._metrics.active_messages.inc()
+        self.on_records_in(tp, 1, offset)
+
+    def on_records_in(self, tp: TP, count: int, last_offset: int) -> None:
+        """``on_message_in`` for a lane's chunk (:mod:`app.lanes`): ``count`` records at once."""
         m = self._metrics
-        m.messages_received.inc()
-        m.active_messages.inc()
+        m.messages_received.inc(count)
         received = self._by_topic.get(tp.topic)
         if received is None:
             received = m.messages_received_per_topics.labels(topic=tp.topic)
             self._by_topic[tp.topic] = received
-        received.inc()
+        received.inc(count)
         read = self._read_offset.get(tp)
         if read is None:
             read = m.messages_received_per_topics_partition.labels(
                 topic=tp.topic, partition=tp.partition
             )
             self._read_offset[tp] = read
-        read.set(offset)
-        self.messages_received_total += 1
-        self.tp_read_offsets[tp] = offset
+        read.set(last_offset)
+        self.messages_received_total += count
+        self.tp_read_offsets[tp] = last_offset
 
     def on_stream_event_in(self, tp: TP, offset: int, stream: Any, event: Any) -> None:
         m = self._metrics
