@@ -34,7 +34,7 @@ import orjson
 from app import backoff, metrics, topics
 from app.errors import ConfigError
 from app.fleet import fleet, settings
-from app.lanes import batches
+from app.lanes import Batch, each_batch
 from app.models import Lifecycle, Namespace, TargetDef, TargetRef, WriteRequest
 from app.topics import Record, deliver_topic
 from tables import ordering, stats, transactions
@@ -49,7 +49,7 @@ log = logging.getLogger("wal.deliver")
 #: ``wal_circuit_state`` values.
 CIRCUIT_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
 
-#: This batch's outcomes for ``wal-stats`` (the agent runs one batch at a time).
+#: Outcomes for ``wal-stats`` since the last batch emitted them.
 _tally: Counter[tuple[str, str]] = Counter()
 _latencies: dict[tuple[str, str], list[int]] = defaultdict(list)
 STATUS = Collector()
@@ -116,24 +116,33 @@ async def target_for(namespace: str, definition: TargetDef) -> Target:
 @fleet.agent(deliver_topic, concurrency=1)
 async def deliver(stream: Any) -> None:
     """Deliver every record on ``wal-deliver``; never raises (faust #175)."""
-    async for batch in batches(stream, settings.batch_size, settings.batch_within_ms / 1000):
-        metrics.BATCH_SIZE.labels("deliver").observe(len(batch))
-        items = [_item(message) for message in batch.records]
-        follow_ups = [r for item in items if (r := _plan(item)) is not None]
-        follow_ups += await _deliver_all(items)
-        follow_ups += _stats_deltas()
-        follow_ups += STATUS.drain(topics.NAMES["status"], settings.partitions)
-        if follow_ups:
-            await topics.emit_until_durable(
-                follow_ups, what=f"{len(follow_ups)} retries/dead letters"
-            )
-        batch.ack()
-        log.info(
-            "delivered a batch of %d (%d follow-up records)",
-            len(batch),
-            len(follow_ups),
-            extra={"agent": "deliver", "count": len(batch)},
-        )
+    await each_batch(
+        stream,
+        _deliver_batch,
+        size=settings.batch_size,
+        within=settings.batch_within_ms / 1000,
+        concurrency=settings.agent_concurrency,
+    )
+
+
+async def _deliver_batch(batch: Batch) -> None:
+    metrics.BATCH_SIZE.labels("deliver").observe(len(batch))
+    items = [_item(message) for message in batch.records]
+    follow_ups = [r for item in items if (r := _plan(item)) is not None]
+    follow_ups += await _deliver_all(items)
+    # Shared with a batch of other partitions worked on meanwhile: its outcomes so far
+    # may go out with this one (statistics and statuses are at-least-once, idempotent).
+    follow_ups += _stats_deltas()
+    follow_ups += STATUS.drain(topics.NAMES["status"], settings.partitions)
+    if follow_ups:
+        await topics.emit_until_durable(follow_ups, what=f"{len(follow_ups)} retries/dead letters")
+    batch.ack()
+    log.info(
+        "delivered a batch of %d (%d follow-up records)",
+        len(batch),
+        len(follow_ups),
+        extra={"agent": "deliver", "count": len(batch)},
+    )
 
 
 def _item(message: Any) -> Item:
@@ -219,13 +228,33 @@ def _lifecycle(item: Item) -> Lifecycle:
     return item.request.lifecycle
 
 
+_defaults: dict[int, tuple[Namespace, list[tuple[TargetDef, TargetRef | None]]]] = {}
+
+
+def _default_targets(namespace: Namespace) -> list[tuple[TargetDef, TargetRef | None]]:
+    """A namespace's targets when a request names none, worked out once per namespace
+    object (they are immutable: a change is a new object)."""
+    known = _defaults.get(id(namespace))
+    if known is not None and known[0] is namespace:
+        return known[1]
+    found: list[tuple[TargetDef, TargetRef | None]] = (
+        [(t, None) for t in namespace.targets if t.enabled]
+        if namespace.targets
+        else [(JOURNAL, None)]
+    )
+    if len(_defaults) >= 256:
+        _defaults.clear()
+    _defaults[id(namespace)] = (namespace, found)
+    return found
+
+
 def _targets_of(
     namespace: Namespace, refs: list[TargetRef]
 ) -> list[tuple[TargetDef, TargetRef | None]]:
+    if not refs:
+        return _default_targets(namespace)
     if not namespace.targets:
         return [(JOURNAL, None)]
-    if not refs:
-        return [(t, None) for t in namespace.targets if t.enabled]
     found = [(namespace.target(ref.identifier), ref) for ref in refs if ref.enabled]
     return [(d, ref) for d, ref in found if d is not None and d.enabled]
 
@@ -262,6 +291,8 @@ async def _deliver_all(items: list[Item]) -> list[Record]:
 
 def _wave(pending: list[tuple[Item, str]]) -> tuple[list[tuple[Item, str]], list[tuple[Item, str]]]:
     """Split off what may go to the targets together: one write per ordered (key, target)."""
+    if not any(_ordered(item) for item, _ in pending):
+        return pending, []
     wave, rest, seen = [], [], set()
     for item, identifier in pending:
         slot = (item.key, identifier)

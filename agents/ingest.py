@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from pydantic import ValidationError
 from app import metrics, topics
 from app.errors import Rejected
 from app.fleet import fleet, settings
-from app.lanes import batches
+from app.lanes import Batch, each_batch
 from app.models import Mutation, Namespace, ShardStrategy, WriteRequest
 from app.topics import Record, ingest_topic
 from tables import stats
@@ -36,6 +37,8 @@ from tables.status import Collector
 
 log = logging.getLogger("wal.ingest")
 STATUS = Collector()
+#: This batch's accepted requests per namespace, for ``wal_messages_total`` (once a batch).
+_accepted: Counter[str] = Counter()
 
 #: Nothing larger is even parsed: the largest maxMessageSize a namespace may set.
 HARD_SIZE_LIMIT = 16 * 1024 * 1024
@@ -292,16 +295,26 @@ def dead_letter(
 @fleet.agent(ingest_topic, concurrency=1)
 async def ingest(stream: Any) -> None:
     """Admit or dead-letter every ingest record; never raises (faust #175)."""
-    async for batch in batches(stream, settings.batch_size, settings.batch_within_ms / 1000):
-        metrics.BATCH_SIZE.labels("ingest").observe(len(batch))
-        records = [_route(message) for message in batch.records]
-        records += _stats_deltas(records)
-        records += STATUS.drain(topics.NAMES["status"], settings.partitions)
-        await topics.emit_until_durable(records, what=f"{len(records)} ingest records")
-        batch.ack()
-        log.info(
-            "ingested a batch of %d", len(batch), extra={"agent": "ingest", "count": len(batch)}
-        )
+    await each_batch(
+        stream,
+        _ingest_batch,
+        size=settings.batch_size,
+        within=settings.batch_within_ms / 1000,
+        concurrency=settings.agent_concurrency,
+    )
+
+
+async def _ingest_batch(batch: Batch) -> None:
+    metrics.BATCH_SIZE.labels("ingest").observe(len(batch))
+    records = [_route(message) for message in batch.records]
+    for name, n in _accepted.items():
+        metrics.MESSAGES.labels(name, "ingest", "accepted").inc(n)
+    _accepted.clear()
+    records += _stats_deltas(records)
+    records += STATUS.drain(topics.NAMES["status"], settings.partitions)
+    await topics.emit_until_durable(records, what=f"{len(records)} ingest records")
+    batch.ack()
+    log.info("ingested a batch of %d", len(batch), extra={"agent": "ingest", "count": len(batch)})
 
 
 def _route(message: Any) -> Record:
@@ -338,7 +351,7 @@ def _route(message: Any) -> Record:
         internal = Rejected(f"internal error: {type(exc).__name__}", code="INTERNAL_ERROR")
         _count_rejected(None, internal.code)
         return dead_letter(internal, message.value, headers, source, message.key)
-    metrics.MESSAGES.labels(admitted.namespace.name, "ingest", "accepted").inc()
+    _accepted[admitted.namespace.name] += 1
     record = deliver_record(admitted, message.value, headers, source, message.key)
     due = record.headers.get(topics.DUE_AT)
     STATUS.note(

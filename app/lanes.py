@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,16 +43,27 @@ class Chunk:
 
 
 class Lane:
-    """A bounded queue of chunks for one topic, and the records taken from it."""
+    """A bounded queue of chunks for one topic, and the records taken from it.
 
-    def __init__(self, topic: str, capacity: int) -> None:
+    With ``slots`` > 1 the partitions are dealt out to slots in the order they first
+    bring records (dealt again after a rebalance), and each slot is taken from by its
+    own loop: batches of different partitions are worked on at once, while each
+    partition's records - and so each routing key's - stay in order, one batch at a
+    time. A partition with a batch still being worked on keeps its slot.
+    """
+
+    def __init__(self, topic: str, capacity: int, slots: int = 1) -> None:
         self.topic = topic
         self.capacity = capacity
+        self.slots = slots
         self.queued = 0
         self.taken = 0
-        self._chunks: deque[Chunk] = deque()
+        self._queues: list[deque[Chunk]] = [deque() for _ in range(slots)]
+        self._queued: list[int] = [0] * slots
+        self._arrived = [asyncio.Event() for _ in range(slots)]
         self._taken_tps: dict[TP, int] = {}
-        self._arrived = asyncio.Event()
+        self._slot_of: dict[TP, int] = {}
+        self._dealt = 0
         self._room = asyncio.Event()
         self._room.set()
         self._idle = asyncio.Event()
@@ -69,22 +80,37 @@ class Lane:
     async def wait_room(self) -> None:
         await self._room.wait()
 
+    def _slot(self, tp: TP) -> int:
+        slot = self._slot_of.get(tp)
+        if slot is None:
+            slot = self._slot_of[tp] = self._dealt % self.slots
+            self._dealt += 1
+        return slot
+
     def put(self, chunk: Chunk) -> None:
-        self._chunks.append(chunk)
-        self.queued += len(chunk.records)
-        self._arrived.set()
+        slot = self._slot(chunk.tp)
+        self._queues[slot].append(chunk)
+        n = len(chunk.records)
+        self._queued[slot] += n
+        self.queued += n
+        self._arrived[slot].set()
         if self.full():
             self._room.clear()
 
     def clear(self) -> None:
         """Forget every queued chunk (flow control, on a rebalance): a seek reads them again."""
-        self._chunks.clear()
+        for queue in self._queues:
+            queue.clear()
+        self._queued = [0] * self.slots
         self.queued = 0
         self._room.set()
+        self._slot_of = {tp: s for tp, s in self._slot_of.items() if self._taken_tps.get(tp)}
+        self._dealt = len(self._slot_of)
 
     def pending(self) -> set[TP]:
         """Partitions with records queued here or taken and not yet done."""
-        return {c.tp for c in self._chunks} | {tp for tp, n in self._taken_tps.items() if n}
+        queued = {c.tp for queue in self._queues for c in queue}
+        return queued | {tp for tp, n in self._taken_tps.items() if n}
 
     async def wait_idle(self) -> None:
         """Until no batch taken from this lane is still being worked on."""
@@ -92,40 +118,44 @@ class Lane:
 
     # -- the agent's side -----------------------------------------------------------------
 
-    async def take(self, size: int, within: float) -> list[Chunk]:
-        """Chunks holding up to ``size`` records: once there are that many, or ``within``
-        seconds after the first arrived. A chunk larger than what is left is split."""
+    async def take(self, size: int, within: float, slot: int = 0) -> list[Chunk]:
+        """Chunks of ``slot`` holding up to ``size`` records: once there are that many, or
+        ``within`` seconds after the first arrived. A chunk larger than what is left is
+        split."""
         loop = asyncio.get_running_loop()
+        queue, arrived = self._queues[slot], self._arrived[slot]
         while True:
-            while not self._chunks:
-                self._arrived.clear()
-                await self._arrived.wait()
+            while not queue:
+                arrived.clear()
+                await arrived.wait()
             deadline = loop.time() + within
-            while self.queued < size:
+            while self._queued[slot] < size:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                self._arrived.clear()
+                arrived.clear()
                 try:
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                    await asyncio.wait_for(arrived.wait(), remaining)
                 except TimeoutError:
                     break
-            if self._chunks:  # not cleared by a rebalance meanwhile
-                return self._pop(size)
+            if queue:  # not cleared by a rebalance meanwhile
+                return self._pop(slot, size)
 
-    def _pop(self, size: int) -> list[Chunk]:
+    def _pop(self, slot: int, size: int) -> list[Chunk]:
+        queue = self._queues[slot]
         out: list[Chunk] = []
         n = 0
-        while self._chunks and n < size:
-            chunk = self._chunks.popleft()
+        while queue and n < size:
+            chunk = queue.popleft()
             room = size - n
             if len(chunk.records) > room:
                 rest = Chunk(chunk.tp, chunk.records[room:], chunk.generation)
-                self._chunks.appendleft(rest)
+                queue.appendleft(rest)
                 chunk = Chunk(chunk.tp, chunk.records[:room], chunk.generation)
             out.append(chunk)
             n += len(chunk.records)
             self._taken_tps[chunk.tp] = self._taken_tps.get(chunk.tp, 0) + len(chunk.records)
+        self._queued[slot] -= n
         self.queued -= n
         self.taken += n
         self._idle.clear()
@@ -178,7 +208,7 @@ def lanes_of(app: Any) -> dict[str, Lane]:
     return lanes
 
 
-def open_lane(stream: Any, capacity: int) -> Lane:
+def open_lane(stream: Any, capacity: int, slots: int = 1) -> Lane:
     """The lane of ``stream``'s (single) topic, subscribed to as the stream would be."""
     app = stream.app
     channel = aiter(stream.channel)  # subscribes the topic (Faust's conductor)
@@ -186,20 +216,42 @@ def open_lane(stream: Any, capacity: int) -> Lane:
     lanes = lanes_of(app)
     lane = lanes.get(topic)
     if lane is None:
-        lane = lanes[topic] = Lane(topic, capacity)
+        lane = lanes[topic] = Lane(topic, capacity, slots)
         app.flow_control.manage_queue(lane)  # cleared with the stream buffers
+    assert lane.slots == slots, f"{topic}: lane opened with {lane.slots} slots, not {slots}"
     return lane
 
 
-async def batches(stream: Any, size: int, within: float) -> AsyncIterator[Batch]:
-    """Batches of up to ``size`` records of ``stream``'s topic, ``within`` seconds after the
-    first; unacked (call :meth:`Batch.ack`). A batch neither acked nor released when
-    the agent moves on is released: read again after the next seek, never committed."""
-    lane = open_lane(stream, capacity=max(size * 4, 4096))
+async def batches(
+    stream: Any, size: int, within: float, *, slot: int = 0, slots: int = 1
+) -> AsyncIterator[Batch]:
+    """Batches of up to ``size`` records of ``stream``'s topic (of the partitions of
+    ``slot`` of ``slots``), ``within`` seconds after the first; unacked (call
+    :meth:`Batch.ack`). A batch neither acked nor released when the agent moves on is
+    released: read again after the next seek, never committed."""
+    lane = open_lane(stream, capacity=max(size * 4, 4096), slots=slots)
     consumer = stream.app.consumer
     while True:
-        batch = Batch(await lane.take(size, within), lane, consumer)
+        batch = Batch(await lane.take(size, within, slot), lane, consumer)
         try:
             yield batch
         finally:
             batch.release()
+
+
+async def each_batch(
+    stream: Any,
+    handle: Callable[[Batch], Awaitable[None]],
+    *,
+    size: int,
+    within: float,
+    concurrency: int = 1,
+) -> None:
+    """Run ``handle`` on every batch of ``stream``'s topic, ``concurrency`` batches at once
+    (each slot of partitions one batch at a time); returns only if every loop does."""
+
+    async def loop(slot: int) -> None:
+        async for batch in batches(stream, size, within, slot=slot, slots=concurrency):
+            await handle(batch)
+
+    await asyncio.gather(*(loop(slot) for slot in range(concurrency)))

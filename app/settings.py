@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     batch_within_ms: int = Field(default=50, ge=1, le=60_000)
     """WAL_BATCH_WITHIN_MS: longest an agent waits to fill a batch."""
 
+    agent_concurrency: int = Field(default=2, ge=1, le=16)
+    """WAL_AGENT_CONCURRENCY: batches the ingest and deliver agents each work on at once,
+    each from its own share of the worker's partitions (a partition's records, and so a
+    routing key's, are still handled in order, one batch at a time)."""
+
     commit_interval_s: float = Field(default=1.0, gt=0)
     """WAL_COMMIT_INTERVAL_S: how often acknowledged offsets are committed."""
 

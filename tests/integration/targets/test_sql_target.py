@@ -138,6 +138,25 @@ async def test_journal_records_each_message_once_per_namespace(
     assert [(r[0], r[1]) for r in rows] == [("other", "m1"), ("shop", "m1"), ("shop", "m2")]
 
 
+async def test_journal_keeps_every_character_and_survives_a_refused_batch(
+    db: Db, sql_target: Callable[..., Any]
+) -> None:
+    # PostgreSQL's journal goes through COPY's text format: these must be escaped.
+    odd_id = "id\twith\\ tab\nnewline\r"
+    payload = {"path": "C:\\dir\\x", "quote": '"\t"', "line": "a\nb", "uni": "ünï 🚀"}
+    target = await sql_target(db)
+    poison = w("bad", {"nul": "\u0000"})  # PostgreSQL's jsonb refuses NUL; SQLite takes it
+    outcomes = await target.deliver([w(odd_id, payload), poison, w("m2", {"b": 1})])
+    assert outcomes[0].ok and outcomes[2].ok
+    assert outcomes[1].ok == (db.kind == "sqlite")
+    # the refused batch rolled back (with PostgreSQL's staging table): the next one lands
+    assert (await target.deliver([w("m3", {"c": 3})]))[0].ok
+    rows = await db.rows(target.config["table"], order="message_id")
+    by_id = {r[1]: r[2] for r in rows}
+    assert by_id[odd_id] == payload
+    assert {"m2", "m3"} <= set(by_id)
+
+
 async def test_rows_operations_with_mapping_and_keys(
     db: Db, sql_target: Callable[..., Any]
 ) -> None:

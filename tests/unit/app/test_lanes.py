@@ -74,6 +74,21 @@ async def test_room_and_clear() -> None:
     await asyncio.wait_for(lane.wait_room(), 0.05)
 
 
+async def test_slots_take_their_own_partitions_and_keep_them_until_idle() -> None:
+    lane = Lane("wal-deliver", capacity=100, slots=2)
+    lane.put(chunk(TP1, 0, 2))  # first seen: slot 0
+    lane.put(chunk(TP0, 0, 2))  # slot 1
+    lane.put(chunk(TP1, 2, 2))
+    assert offsets(await lane.take(10, within=0, slot=0)) == [(1, 0), (1, 1), (1, 2), (1, 3)]
+    assert offsets(await lane.take(10, within=0, slot=1)) == [(0, 0), (0, 1)]
+    lane.done([chunk(TP0, 0, 2)])
+    lane.clear()  # a rebalance: TP0 is dealt again, TP1 (still being worked on) keeps slot 0
+    lane.put(chunk(TP0, 2, 1))
+    lane.put(chunk(TP1, 4, 1))
+    assert offsets(await lane.take(10, within=0, slot=1)) == [(0, 2)]
+    assert offsets(await lane.take(10, within=0, slot=0)) == [(1, 4)]
+
+
 class Consumer:
     def __init__(self) -> None:
         self.acked: list[Chunk] = []
