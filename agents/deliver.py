@@ -116,13 +116,7 @@ async def target_for(namespace: str, definition: TargetDef) -> Target:
 @fleet.agent(deliver_topic, concurrency=1)
 async def deliver(stream: Any) -> None:
     """Deliver every record on ``wal-deliver``; never raises (faust #175)."""
-    await each_batch(
-        stream,
-        _deliver_batch,
-        size=settings.batch_size,
-        within=settings.batch_within_ms / 1000,
-        concurrency=settings.agent_concurrency,
-    )
+    await each_batch(stream, _deliver_batch, settings)
 
 
 async def _deliver_batch(batch: Batch) -> None:

@@ -295,13 +295,7 @@ def dead_letter(
 @fleet.agent(ingest_topic, concurrency=1)
 async def ingest(stream: Any) -> None:
     """Admit or dead-letter every ingest record; never raises (faust #175)."""
-    await each_batch(
-        stream,
-        _ingest_batch,
-        size=settings.batch_size,
-        within=settings.batch_within_ms / 1000,
-        concurrency=settings.agent_concurrency,
-    )
+    await each_batch(stream, _ingest_batch, settings)
 
 
 async def _ingest_batch(batch: Batch) -> None:

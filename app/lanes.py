@@ -240,18 +240,16 @@ async def batches(
 
 
 async def each_batch(
-    stream: Any,
-    handle: Callable[[Batch], Awaitable[None]],
-    *,
-    size: int,
-    within: float,
-    concurrency: int = 1,
+    stream: Any, handle: Callable[[Batch], Awaitable[None]], settings: Any
 ) -> None:
-    """Run ``handle`` on every batch of ``stream``'s topic, ``concurrency`` batches at once
-    (each slot of partitions one batch at a time); returns only if every loop does."""
+    """Run ``handle`` on every batch of ``stream``'s topic as the settings say:
+    ``WAL_BATCH_SIZE``, ``WAL_BATCH_WITHIN_MS`` and ``WAL_AGENT_CONCURRENCY`` batches at
+    once (each slot of partitions one batch at a time); returns only if every loop does."""
+    size, within = settings.batch_size, settings.batch_within_ms / 1000
+    slots = settings.agent_concurrency
 
     async def loop(slot: int) -> None:
-        async for batch in batches(stream, size, within, slot=slot, slots=concurrency):
+        async for batch in batches(stream, size, within, slot=slot, slots=slots):
             await handle(batch)
 
-    await asyncio.gather(*(loop(slot) for slot in range(concurrency)))
+    await asyncio.gather(*(loop(slot) for slot in range(slots)))
