@@ -89,7 +89,7 @@ def _optional(**kwargs: Any) -> dict[str, Any]:
 
 
 fleet = create_app(settings)
-consumer.install(fleet)
+consumer.install(fleet, busy_fetch=(settings.fetch_min_bytes, settings.fetch_max_wait_ms))
 
 
 @fleet.timer(5.0)

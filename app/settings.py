@@ -72,6 +72,15 @@ class Settings(BaseSettings):
     batch_within_ms: int = Field(default=50, ge=1, le=60_000)
     """WAL_BATCH_WITHIN_MS: longest an agent waits to fill a batch."""
 
+    fetch_min_bytes: int = Field(default=64 * 1024, ge=1, le=64 * 1024 * 1024)
+    """WAL_FETCH_MIN_BYTES: while a worker reads more than 500 records a second, how much
+    the broker gathers before it answers its fetch (or ``WAL_FETCH_MAX_WAIT_MS`` passes):
+    fewer, fuller fetches, less CPU. Below that rate fetches are answered at once."""
+
+    fetch_max_wait_ms: int = Field(default=100, ge=1, le=30_000)
+    """WAL_FETCH_MAX_WAIT_MS: longest the broker holds a busy worker's fetch for
+    ``WAL_FETCH_MIN_BYTES``: the most a record can wait per topic hop for that."""
+
     agent_concurrency: int = Field(default=2, ge=1, le=16)
     """WAL_AGENT_CONCURRENCY: batches the ingest and deliver agents each work on at once,
     each from its own share of the worker's partitions (a partition's records, and so a
