@@ -484,7 +484,8 @@ def _count_delivered(
 ) -> None:
     now = time.time()
     latency = metrics.END_TO_END_SECONDS.labels(namespace)
-    waits = _latencies[(namespace, identifier)]
+    waits = _latencies[(namespace, identifier)]  # since the last stats delta: other calls' too
+    delivered = 0
     for member, outcome in zip(members, outcomes, strict=True):
         if outcome.ok:
             received = member.headers.get(topics.RECEIVED_AT)
@@ -492,7 +493,8 @@ def _count_delivered(
                 seconds = max(0.0, now - int(received) / 1000)
                 latency.observe(seconds)
                 waits.append(int(seconds * 1000))
-    metrics.MESSAGES.labels(namespace, "deliver", "delivered").inc(len(waits))
+                delivered += 1
+    metrics.MESSAGES.labels(namespace, "deliver", "delivered").inc(delivered)
 
 
 def _stats_deltas() -> list[Record]:

@@ -13,7 +13,7 @@ b. hand-written - aiokafka consume → orjson parse + check → produce to a sec
 c. the fleet - ``wal worker`` processes (one, then two) deliver them into a
    ``sql`` journal table; the rate counts from the moment every worker is ready
    to the last row's ``delivered_at_ms``, over the rows written in that window;
-d. latency - one worker, a producer at a fixed rate stamping ``sentAtMs`` in
+d. latency - one worker, then two, a producer at a fixed rate stamping ``sentAtMs`` in
    each payload; ``delivered_at_ms - sentAtMs`` per row → p50/p99.
 
 Every part has its own topic prefix and table, dropped afterwards, and a
@@ -464,10 +464,10 @@ async def fleet_run(n: int, workers: int, timeout: float, batch_bytes: int) -> d
 # -- d. latency ------------------------------------------------------------------------------
 
 
-async def latency(rate: int, seconds: int, timeout: float) -> dict[str, Any]:
-    async with bench_fleet("latency") as (fleet, table):
-        worker = fleet.worker()
-        await worker.ready(timeout=90)
+async def latency(rate: int, seconds: int, timeout: float, workers: int = 1) -> dict[str, Any]:
+    async with bench_fleet(f"latency{workers}") as (fleet, table):
+        procs = [fleet.worker() for _ in range(workers)]
+        await asyncio.gather(*(w.ready(timeout=90) for w in procs))
         producing = await paced(fleet.topic("ingest"), fleet.prefix, rate, seconds)
         _, _, stalled = await wait_rows(fleet, table, producing["sent"], timeout)
         lag = "delivered_at_ms - (payload->>'sentAtMs')::bigint"
@@ -480,6 +480,7 @@ async def latency(rate: int, seconds: int, timeout: float) -> dict[str, Any]:
             )
         )[0]
     return {
+        "workers": workers,
         "target_msgs_per_s": rate,
         **producing,
         **stalled,
@@ -559,6 +560,7 @@ async def run(n: int, latency_s: int, batch_bytes: int = BATCH_BYTES) -> dict[st
     await attempt(results, "fleet_1_worker", fleet_run(n, 1, per_part, batch_bytes))
     await attempt(results, "fleet_2_workers", fleet_run(n, 2, per_part, batch_bytes))
     await attempt(results, "latency", latency(LATENCY_RATE, latency_s, per_part))
+    await attempt(results, "latency_2_workers", latency(LATENCY_RATE, latency_s, per_part, 2))
     results["ratios"] = ratios(results)
     return results
 
@@ -596,16 +598,18 @@ def summarize(r: dict[str, Any]) -> str:
         line("c. fleet, 1 worker", "fleet_1_worker"),
         line("c. fleet, 2 workers", "fleet_2_workers"),
     ]
-    lat = r.get("latency", {})
-    if "p50_ms" in lat:
-        lines.append(
-            f"  {'d. latency @ ' + str(lat['target_msgs_per_s']) + '/s, 1 worker':<34} "
-            f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms "
-            f"(sent {lat['achieved_msgs_per_s']}/s for {lat['seconds']} s)"
-            + (f"  (INCOMPLETE: {lat['incomplete']})" if "incomplete" in lat else "")
-        )
-    else:
-        lines.append(f"  {'d. latency':<34} {lat.get('timed_out') or lat.get('failed')}")
+    for name, workers in (("latency", "1 worker"), ("latency_2_workers", "2 workers")):
+        lat = r.get(name, {})
+        label = f"d. latency @ {lat.get('target_msgs_per_s', LATENCY_RATE)}/s, {workers}"
+        if "p50_ms" in lat:
+            lines.append(
+                f"  {label:<34} "
+                f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms "
+                f"(sent {lat['achieved_msgs_per_s']}/s for {lat['seconds']} s)"
+                + (f"  (INCOMPLETE: {lat['incomplete']})" if "incomplete" in lat else "")
+            )
+        else:
+            lines.append(f"  {label:<34} {lat.get('timed_out') or lat.get('failed') or 'not run'}")
     for name, value in (r.get("ratios") or {}).items():
         lines.append(f"  {name:<34} {value if value is not None else 'n/a'}")
     return "\n".join(lines)
