@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import hashlib
 import logging.config
 import sys
@@ -57,7 +58,18 @@ def worker(loglevel: str | None) -> None:
     # so that every record spins it: aiokafka's per-fetch debug records then cost a
     # fifth of a busy worker's CPU (py-spy), and the handler drops them anyway.
     runner.spinner = None
+    # A batch allocates thousands of short-lived dicts and records; at Python's default
+    # thresholds (700, 10, 10) the cyclic collector ran every few hundred of them and
+    # walked the long-lived startup objects too. Those are frozen out of collection,
+    # and a collection waits for 20 000 allocations: ~10 % less CPU per message on a
+    # backlog (113 → 97-103 µs, tests/bench). Reference counting frees the rest at once.
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     runner.execute_from_commandline()
+
+
+#: The worker's cyclic garbage collector thresholds (see ``worker``).
+GC_THRESHOLDS = (20_000, 20, 20)
 
 
 # -- namespaces ----------------------------------------------------------------------------

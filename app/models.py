@@ -79,7 +79,10 @@ class DelayUnit(StrEnum):
 
     @property
     def seconds(self) -> int:
-        return {"seconds": 1, "minutes": 60, "hours": 3600, "days": 86_400}[self.value]
+        return _UNIT_SECONDS[self.value]
+
+
+_UNIT_SECONDS = {"seconds": 1, "minutes": 60, "hours": 3600, "days": 86_400}
 
 
 class BackoffStrategy(StrEnum):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,10 +127,14 @@ async def emit(records: Sequence[Record]) -> int:
     """
     producer = fleet.producer._ensure_producer()  # type: ignore[attr-defined]
     groups: dict[tuple[str, int], list[Record]] = {}
+    choosers: dict[str, Callable[[bytes | None], int]] = {}
     for record in records:
         partition = record.partition
         if partition is None:
-            partition = await _partition_for(producer, record.topic, record.key)
+            choose = choosers.get(record.topic)
+            if choose is None:
+                choose = choosers[record.topic] = await _chooser(producer, record.topic)
+            partition = choose(record.key)
         groups.setdefault((record.topic, partition), []).append(record)
     futures = []
     for (topic, partition), members in groups.items():
@@ -168,11 +172,15 @@ async def emit_one(record: Record) -> RecordMetadata:
     return meta
 
 
-async def _partition_for(producer: Any, topic: str, key: bytes | None) -> int:
-    """The partition ``producer.send(topic, key=key)`` would choose."""
+async def _chooser(producer: Any, topic: str) -> Callable[[bytes | None], int]:
+    """What ``producer.send(topic, key=key)`` does to choose a partition, with the topic's
+    partitions looked up once (aiokafka's does that per record: a set and two lists)."""
     await producer.client._wait_on_metadata(topic)
-    partition: int = producer._partition(topic, None, key, None, key, None)
-    return partition
+    metadata = producer._metadata
+    every = list(metadata.partitions_for_topic(topic))
+    available = list(metadata.available_partitions_for_topic(topic))
+    choose = producer._partitioner
+    return lambda key: choose(key, every, available)
 
 
 async def emit_until_durable(records: Sequence[Record], *, what: str) -> None:

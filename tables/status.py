@@ -23,6 +23,7 @@ from the DLQ keeps its id) supersedes an earlier one.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict, defaultdict
 from typing import Any
@@ -54,7 +55,9 @@ class Collector:
         if not message_id:
             return
         entry = {"id": message_id, "ns": namespace, "st": step, "at": int(time.time() * 1000)}
-        entry.update((k, v) for k, v in fields.items() if v is not None)
+        for key, value in fields.items():
+            if value is not None:
+                entry[key] = value
         self._entries.append(entry)
 
     def drain(self, topic: str, partitions: int) -> list[Record]:
@@ -123,31 +126,58 @@ def overall(doc: dict[str, Any]) -> str:
     return "delayed" if doc.get("admission") == "delayed" else "pending"
 
 
+#: Entries an id keeps unfolded; one more folds them into its stored status.
+UNFOLDED = 8
+_FIELDS = ("id", "ns", "st", "at")
+
+
 class StatusBook:
-    """The statuses of the ids in this worker's ``wal-status`` partitions, bounded."""
+    """The statuses of the ids in this worker's ``wal-status`` partitions, bounded.
+
+    An id's entries are kept as they come (slim tuples) and folded when its status is
+    asked for - or, past :data:`UNFOLDED` entries, into a stored status (compact JSON):
+    folding every entry as it arrived (JSON in and out) was a tenth of a busy worker's
+    CPU (py-spy), and most statuses are never asked for.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._docs: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        # id -> (partition, folded status as JSON or None, entries not folded into it yet)
+        self._docs: OrderedDict[str, tuple[int, bytes | None, tuple[Any, ...]]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._docs)
 
     def fold(self, partition: int, entries: list[dict[str, Any]]) -> None:
+        docs = self._docs
         for entry in entries:
             message_id = entry["id"]
-            held = self._docs.pop(message_id, None)
-            doc = fold(orjson.loads(held[1]) if held else None, entry)
-            self._docs[message_id] = (partition, compact(orjson.dumps(doc)))
-        while len(self._docs) > self.capacity:
-            self._docs.popitem(last=False)
+            held = docs.pop(message_id, None)
+            slim = _slim(entry)
+            if held is None:
+                docs[message_id] = (partition, None, (slim,))
+            elif len(held[2]) < UNFOLDED:
+                docs[message_id] = (partition, held[1], (*held[2], slim))
+            else:
+                doc = self._folded(message_id, held[1], (*held[2], slim))
+                docs[message_id] = (partition, compact(orjson.dumps(doc)), ())
+        while len(docs) > self.capacity:
+            docs.popitem(last=False)
 
     def get(self, message_id: str) -> dict[str, Any] | None:
         held = self._docs.get(message_id)
         if held is None:
             return None
-        doc: dict[str, Any] = orjson.loads(held[1])
+        doc = self._folded(message_id, held[1], held[2])
         doc.pop("_admittedAt", None)
+        return doc
+
+    @staticmethod
+    def _folded(message_id: str, stored: bytes | None, slims: tuple[Any, ...]) -> dict[str, Any]:
+        doc: dict[str, Any] | None = orjson.loads(stored) if stored else None
+        for slim in slims:
+            doc = fold(doc, _entry(message_id, slim))
+        assert doc is not None, "an id is held with at least one entry"
         return doc
 
     def forget(self, partitions: set[int] | None = None) -> None:
@@ -155,5 +185,21 @@ class StatusBook:
         if partitions is None:
             self._docs.clear()
             return
-        for message_id in [i for i, (p, _) in self._docs.items() if p in partitions]:
+        for message_id in [i for i, (p, _, _) in self._docs.items() if p in partitions]:
             del self._docs[message_id]
+
+
+def _slim(entry: dict[str, Any]) -> tuple[Any, ...]:
+    """An entry without its id, in little memory: (ns, step, at, other fields or None)."""
+    rest = None
+    if len(entry) > len(_FIELDS):
+        rest = tuple([item for item in entry.items() if item[0] not in _FIELDS])
+    return (sys.intern(entry["ns"]), sys.intern(entry["st"]), entry["at"], rest)
+
+
+def _entry(message_id: str, slim: tuple[Any, ...]) -> dict[str, Any]:
+    ns, step, at, rest = slim
+    entry = {"id": message_id, "ns": ns, "st": step, "at": at}
+    if rest:
+        entry.update(rest)
+    return entry

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -389,8 +390,13 @@ _JOURNAL_COLUMNS = "namespace, message_id, payload, received_at_ms, delivered_at
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
+_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
+
+
 def _copy_text(value: str) -> bytes:
     """A text value in COPY's text format (backslash, tab, newline and CR escaped)."""
+    if _COPY_SPECIAL.search(value) is None:
+        return value.encode()
     return value.translate(_COPY_ESCAPES).encode()
 
 

@@ -81,3 +81,20 @@ def test_the_book_keeps_the_most_recently_changed_and_forgets_by_partition() -> 
     assert "_admittedAt" not in (book.get("m1") or {})
     book.forget({1})
     assert book.get("m1") is None and book.get("m3") is None and book.get("m4") is not None
+
+
+def test_the_book_answers_as_folding_every_entry_would_however_many_it_holds() -> None:
+    steps = [entry("accepted", 1)]
+    steps += [
+        entry("retrying", 1 + n, target="hook", attempt=n, code="TARGET_UNAVAILABLE", next=9 + n)
+        for n in range(1, 12)  # more than the entries an id keeps unfolded
+    ]
+    steps += [entry("delivered", 30, target="pg", attempt=1), entry("delivered", 31, target="hook")]
+    book = StatusBook(capacity=10)
+    expected = None
+    for n, step in enumerate(steps, 1):
+        book.fold(0, [step])
+        expected = fold(expected, step)
+        answer = {k: v for k, v in expected.items() if k != "_admittedAt"}
+        assert book.get("m1") == answer, f"after {n} entries"
+    assert (book.get("m1") or {})["status"] == "completed"
