@@ -14,7 +14,8 @@ c. the fleet - ``wal worker`` processes (one, then two) deliver them into a
    ``sql`` journal table; the rate counts from the moment every worker is ready
    to the last row's ``delivered_at_ms``, over the rows written in that window;
 d. latency - one worker, then two, a producer at a fixed rate stamping ``sentAtMs`` in
-   each payload; ``delivered_at_ms - sentAtMs`` per row → p50/p99.
+   each payload; ``delivered_at_ms - sentAtMs`` per row → p50/p99, over the whole
+   run and over the run without its first ``WARM_UP_S`` seconds (start-up).
 
 Every part has its own topic prefix and table, dropped afterwards, and a
 deadline: a part that runs out reports how far it got instead of hanging.
@@ -52,6 +53,8 @@ REQUEST_BYTES = 1024
 FLEET_ENV = {"WAL_COMMIT_INTERVAL_S": "1.0", "WAL_LOG_LEVEL": "warning"}
 SIZES = {"full": {"n": 200_000, "latency_s": 30}, "quick": {"n": 20_000, "latency_s": 20}}
 LATENCY_RATE = 5_000
+#: The latency part also reports its run without this many first seconds.
+WARM_UP_S = 5
 #: No new row for this long while some are missing: the run is reported as stalled.
 STALL_S = 30.0
 #: Record batch size of the pre-loaders: the Kafka clients' default (aiokafka, Java).
@@ -464,21 +467,28 @@ async def fleet_run(n: int, workers: int, timeout: float, batch_bytes: int) -> d
 # -- d. latency ------------------------------------------------------------------------------
 
 
-async def latency(rate: int, seconds: int, timeout: float, workers: int = 1) -> dict[str, Any]:
+async def latency(
+    rate: int, seconds: int, timeout: float, workers: int = 1, **env: str
+) -> dict[str, Any]:
     async with bench_fleet(f"latency{workers}") as (fleet, table):
-        procs = [fleet.worker() for _ in range(workers)]
+        procs = [fleet.worker(**env) for _ in range(workers)]
         await asyncio.gather(*(w.ready(timeout=90) for w in procs))
         producing = await paced(fleet.topic("ingest"), fleet.prefix, rate, seconds)
         _, _, stalled = await wait_rows(fleet, table, producing["sent"], timeout)
         lag = "delivered_at_ms - (payload->>'sentAtMs')::bigint"
-        p50, p99, worst = (
-            await asyncio.to_thread(
-                pg_query,
-                f"SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY {lag}),"
-                f" percentile_cont(0.99) WITHIN GROUP (ORDER BY {lag}), max({lag})"
-                f' FROM "{table}"',
-            )
-        )[0]
+        sent_at = "(payload->>'sentAtMs')::bigint"
+        stats = (
+            f"percentile_cont(0.5) WITHIN GROUP (ORDER BY {lag}),"
+            f" percentile_cont(0.99) WITHIN GROUP (ORDER BY {lag}), max({lag})"
+        )
+        warm = f'(SELECT min({sent_at}) FROM "{table}") + {WARM_UP_S * 1000}'
+        rows = await asyncio.to_thread(
+            pg_query,
+            f'SELECT 0, {stats} FROM "{table}"'
+            f' UNION ALL SELECT 1, {stats} FROM "{table}" WHERE {sent_at} >= {warm}'
+            " ORDER BY 1",
+        )
+    (_, p50, p99, worst), (_, s50, s99, s_worst) = rows
     return {
         "workers": workers,
         "target_msgs_per_s": rate,
@@ -487,6 +497,10 @@ async def latency(rate: int, seconds: int, timeout: float, workers: int = 1) -> 
         "p50_ms": round(p50, 1),
         "p99_ms": round(p99, 1),
         "max_ms": int(worst),
+        # the same run without its first WARM_UP_S seconds (start-up: joins, connections)
+        "steady_p50_ms": round(s50, 1),
+        "steady_p99_ms": round(s99, 1),
+        "steady_max_ms": int(s_worst),
     }
 
 
@@ -607,6 +621,11 @@ def summarize(r: dict[str, Any]) -> str:
                 f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms "
                 f"(sent {lat['achieved_msgs_per_s']}/s for {lat['seconds']} s)"
                 + (f"  (INCOMPLETE: {lat['incomplete']})" if "incomplete" in lat else "")
+            )
+            lines.append(
+                f"  {'   without its first ' + str(WARM_UP_S) + ' s':<34} "
+                f"p50 {lat['steady_p50_ms']} ms, p99 {lat['steady_p99_ms']} ms, "
+                f"max {lat['steady_max_ms']} ms"
             )
         else:
             lines.append(f"  {label:<34} {lat.get('timed_out') or lat.get('failed') or 'not run'}")
