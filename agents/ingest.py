@@ -44,7 +44,7 @@ _accepted: Counter[str] = Counter()
 HARD_SIZE_LIMIT = 16 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per message, and frozen init costs 5x
 class Admitted:
     """A request that passed every check, with what the fleet adds to it."""
 
