@@ -1,7 +1,9 @@
 """Batches of stream events that cost nothing while the stream is idle.
 
-Every agent here takes its events in batches and acks them itself once their
-effects are durable. Faust's ``noack_take(n, within)`` does that, but it wakes
+The agents of the quieter topics (delay tiers, status, statistics,
+transactions) take their events in batches and ack them themselves once their
+effects are durable; ingest and deliver skip Faust's events altogether
+(:mod:`app.lanes`). Faust's ``noack_take(n, within)`` batches that way, but it wakes
 every ``within`` seconds whether or not anything arrived: with a 50 ms window
 on the busy agents and the delay tiers' 200 ms, an idle worker woke about 90
 times a second, most of its idle CPU. :func:`batches` keeps the same contract -

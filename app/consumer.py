@@ -40,6 +40,18 @@ class StrictConsumer(driver.Consumer):
         """Partitions whose commits wait for a record, and since when (monotonic)."""
         return self.__dict__.setdefault("_held_since", {})
 
+    @property
+    def log_start(self) -> dict[TP, int]:
+        """Where the log of a partition the group has no committed offset for began."""
+        return self.__dict__.setdefault("_log_start", {})
+
+    def _base(self, tp: TP) -> int | None:
+        """The first offset a partition's commit must not pass unacked: the committed offset
+        or - the group having none yet - the start of the log (``auto_offset_reset`` is
+        earliest: that is where reading began). None while that start is not known."""
+        committed = self._committed_offset.get(tp)
+        return committed if committed is not None else self.log_start.get(tp)
+
     def _new_offset(self, tp: TP) -> int | None:
         acked = self._acked[tp]
         committed = self._committed_offset[tp]
@@ -50,11 +62,67 @@ class StrictConsumer(driver.Consumer):
             fresh = sorted({o for o in acked if committed is None or o >= committed})
             if fresh != acked:
                 acked[:] = fresh
-        if acked and committed is not None and not self._gap[tp] and min(acked) > committed:
-            self.held.setdefault(tp, monotonic())
-            return None  # the record at `committed` was not acked: do not pass it
+        if acked and not self._gap[tp]:
+            base = self._base(tp)
+            if base is None:
+                return None  # no commit yet and the log's start not known: commit() learns it
+            if min(acked) > base:
+                self.held.setdefault(tp, monotonic())
+                return None  # the record at `base` was not acked: do not pass it
         self.held.pop(tp, None)
         return super()._new_offset(tp)
+
+    async def perform_seek(self) -> None:
+        """Faust's seek to the committed offsets after a rebalance - and, for a partition
+        the group has no committed offset for but this worker already read from, back to
+        the start of its log: what it read before the rebalance and did not finish is
+        read again now, not after :meth:`heal` notices the hold."""
+        await super().perform_seek()
+        read_before = [
+            tp
+            for tp in self.assignment()
+            if tp in self.handed
+            and self._committed_offset.get(tp) is None
+            and self.app.topics.acks_enabled_for(tp.topic)
+        ]
+        if not read_before:
+            return
+        await self._learn_log_starts(read_before, again=True)
+        for tp in read_before:
+            start = self.log_start.get(tp)
+            if start is not None:
+                await self.seek(tp, start)
+                self.handed.pop(tp, None)
+
+    async def commit(self, *args: Any, **kwargs: Any) -> bool:
+        """Faust's commit, once the start of every log without a committed offset is known."""
+        await self._learn_log_starts()
+        committed: bool = await super().commit(*args, **kwargs)
+        return committed
+
+    async def _learn_log_starts(self, tps: Any = None, *, again: bool = False) -> None:
+        """Learn where the logs of partitions read with no committed offset begin.
+
+        Faust commits the first run of acked offsets of such a partition whatever
+        it starts with, so records handed over before a rebalance and dropped
+        (a cleared buffer: the group had no offset to seek back to) were skipped
+        for good - two workers starting on a backlog lost a few thousand that way
+        (``make bench``). With the log's start as the base, the strict rule holds
+        the partition instead, and :meth:`heal` re-reads it from there.
+        """
+        if tps is None:
+            tps = [tp for tp, acked in self._acked.items() if acked]
+        unknown = [
+            tp
+            for tp in tps
+            if self._committed_offset.get(tp) is None and (again or tp not in self.log_start)
+        ]
+        if not unknown:
+            return
+        try:
+            self.log_start.update(await self.earliest_offsets(*unknown))
+        except Exception as exc:  # the next commit or heal asks again
+            self.log.warning("could not learn where %d logs begin: %r", len(unknown), exc)
 
     async def _drain_messages(self, fetcher: Any) -> None:
         """Faust's fetch loop, with lanes, and without two tasks per record.
@@ -273,7 +341,7 @@ class StrictConsumer(driver.Consumer):
         for lane in lanes_of(self.app).values():
             in_flight |= lane.pending()
         for tp in self.assignment():
-            committed = self._committed_offset.get(tp)
+            committed = self._base(tp)
             last = self.handed.get(tp)
             if (
                 committed is None
@@ -289,22 +357,26 @@ class StrictConsumer(driver.Consumer):
             self.held.setdefault(tp, now)
 
     async def heal(self, after: float) -> list[TP]:
-        """Re-read partitions held for ``after`` seconds or more from their committed offset."""
+        """Re-read partitions held for ``after`` seconds or more from their base offset."""
         now = monotonic()
+        # partitions handed records with no committed offset: know where their logs begin
+        await self._learn_log_starts(list(self.handed))
         self.stranded(now)
+        due = [tp for tp, since in self.held.items() if now - since >= after]
+        # a log's start moves with retention: the re-read starts from where it is now
+        await self._learn_log_starts(due, again=True)
         healed = []
-        for tp, since in list(self.held.items()):
-            if now - since < after:
-                continue
+        assigned = self.assignment()
+        for tp in due:
             del self.held[tp]
-            committed = self._committed_offset[tp]
-            if committed is not None and tp in self.assignment():
+            base = self._base(tp)
+            if base is not None and tp in assigned:
                 self.log.warning(
                     "%s: record at offset %s never reached its stream; re-reading from there",
                     tp,
-                    committed,
+                    base,
                 )
-                await self.seek(tp, committed)
+                await self.seek(tp, base)
                 healed.append(tp)
         return healed
 

@@ -6,6 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import pytest
 from faust.types import TP
 from intervaltree import IntervalTree
 
@@ -132,3 +133,72 @@ def test_fetches_are_patient_only_while_the_worker_is_busy() -> None:
     assert (fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms) == IDLE_FETCH
     pace.pace(None, 5000, now=3.0)  # the consumer thread not started yet: nothing to set
     assert not pace.is_busy
+
+
+def test_with_no_committed_offset_the_log_start_is_the_base() -> None:
+    # A fresh group: Faust itself commits any first run of acks, here 2000..2002, and the
+    # records 0..1999 - handed over before a rebalance and dropped - are skipped for good.
+    c = consumer([2000, 2001, 2002], committed=None)
+    assert c._new_offset(TP0) is None  # where the log begins is not known yet
+    c.log_start[TP0] = 0
+    assert c._new_offset(TP0) is None and TP0 in c.held
+    c.log_start[TP0] = 2000  # retention removed the rest: nothing is missing
+    assert c._new_offset(TP0) == 2003
+
+
+async def test_commit_learns_log_starts_and_heal_re_reads_from_there() -> None:
+    c = consumer([2000, 2001], committed=None)
+    asked: list[tuple[TP, ...]] = []
+    log_start = {TP0: 0}
+
+    async def earliest_offsets(*tps: TP) -> dict[TP, int]:
+        asked.append(tps)
+        return {tp: log_start[tp] for tp in tps}
+
+    sought: list[tuple[TP, int]] = []
+
+    async def seek(tp: TP, offset: int) -> None:
+        sought.append((tp, offset))
+
+    c.earliest_offsets = earliest_offsets  # type: ignore[method-assign,assignment]
+    c.seek = seek  # type: ignore[method-assign,assignment]
+    c.log = __import__("logging").getLogger("test")
+    await c._learn_log_starts()
+    assert asked == [(TP0,)] and c.log_start == {TP0: 0}
+    await c._learn_log_starts()  # known: not asked again
+    assert len(asked) == 1
+    assert c._new_offset(TP0) is None
+    c.held[TP0] -= 61
+    log_start[TP0] = 5  # retention moved the start meanwhile: heal asks again
+    assert await c.heal(after=60) == [TP0]
+    assert sought == [(TP0, 5)] and len(asked) == 2
+
+
+async def test_after_a_rebalance_a_partition_read_without_commits_restarts_at_its_log_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from faust.transport.drivers import aiokafka as driver
+
+    async def faust_seek(self: StrictConsumer) -> None:  # seek_to_committed: none for TP0
+        return None
+
+    monkeypatch.setattr(driver.Consumer, "perform_seek", faust_seek)
+    tp1 = TP("wal-ingest", 1)
+    c = consumer([], committed=None)
+    c._committed_offset[tp1] = 40
+    c.assignment = lambda: {TP0, tp1}  # type: ignore[method-assign]
+    c.handed[TP0] = 2500  # read before the rebalance, never committed
+    c.handed[tp1] = 90
+    sought: list[tuple[TP, int]] = []
+
+    async def seek(tp: TP, offset: int) -> None:
+        sought.append((tp, offset))
+
+    async def earliest_offsets(*tps: TP) -> dict[TP, int]:
+        return {tp: 0 for tp in tps}
+
+    c.seek = seek  # type: ignore[method-assign,assignment]
+    c.earliest_offsets = earliest_offsets  # type: ignore[method-assign,assignment]
+    await c.perform_seek()
+    assert sought == [(TP0, 0)]  # tp1 has a committed offset: Faust's seek is right
+    assert TP0 not in c.handed
