@@ -16,6 +16,15 @@ record is fetched and processed again - late, never lost. Records after it are
 delivered again too; the targets' idempotency absorbs that. A partition whose
 handed-over records were neither acked nor are still in flight (and nothing
 after them arrives to be acked) is *stranded*, and healed the same way.
+
+While the group has no committed offset for a partition, the start of its log
+stands in for it (``auto_offset_reset`` is earliest): Faust would commit any
+first run of acks, and a rebalance (which cannot seek back to a commit that does
+not exist) would skip what was fetched and dropped before it.
+:meth:`StrictConsumer.perform_seek` re-reads such a partition from its start.
+
+It also hands the busiest topics' records to their agents in bulk (lanes,
+:mod:`app.lanes`) and paces its fetches to the traffic (:class:`FetchPace`).
 """
 
 from __future__ import annotations
