@@ -25,12 +25,18 @@ The guarantees are Faust's, kept by the consumer:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from faust.types import TP
+
+log = logging.getLogger("wal.lanes")
+
+#: Pause after a batch failed unexpectedly, before the next one is taken.
+RETRY_PAUSE_S = 1.0
 
 
 @dataclass(slots=True)
@@ -244,12 +250,26 @@ async def each_batch(
 ) -> None:
     """Run ``handle`` on every batch of ``stream``'s topic as the settings say:
     ``WAL_BATCH_SIZE``, ``WAL_BATCH_WITHIN_MS`` and ``WAL_AGENT_CONCURRENCY`` batches at
-    once (each slot of partitions one batch at a time); returns only if every loop does."""
+    once (each slot of partitions one batch at a time); returns only if every loop does.
+
+    ``handle`` routes every failure it knows of; one it did not foresee (a bug) must not
+    end the agent (faust #175: a dead agent stops reading and committing, silently). It
+    is logged and its batch released unacked: the commit rule holds the batch's
+    partitions and :meth:`app.consumer.StrictConsumer.heal` has them read again."""
     size, within = settings.batch_size, settings.batch_within_ms / 1000
     slots = settings.agent_concurrency
 
     async def loop(slot: int) -> None:
         async for batch in batches(stream, size, within, slot=slot, slots=slots):
-            await handle(batch)
+            try:
+                await handle(batch)
+            except Exception:
+                log.exception(
+                    "%s: a batch of %d failed unexpectedly; released, to be read again",
+                    stream.channel,
+                    len(batch),
+                )
+                batch.release()
+                await asyncio.sleep(RETRY_PAUSE_S)
 
     await asyncio.gather(*(loop(slot) for slot in range(slots)))

@@ -161,3 +161,35 @@ def test_offsets_already_committed_or_acked_are_not_counted_again() -> None:
     c.ack_chunk(chunk(TP0, 3, 2))
     assert c._acked[TP0] == [3, 4] and c._n_acked == 2
     assert commit(c) == 5
+
+
+async def test_a_batch_that_fails_unexpectedly_is_released_and_the_agent_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import app.lanes as lanes
+
+    monkeypatch.setattr(lanes, "RETRY_PAUSE_S", 0)
+    lane = Lane("wal-deliver", capacity=100)
+    consumer = Consumer()
+    app: Any = SimpleNamespace(consumer=consumer, _wal_lanes={"wal-deliver": lane})
+    app.flow_control = SimpleNamespace(manage_queue=lambda queue: None)
+    stream: Any = SimpleNamespace(app=app, channel=SimpleNamespace(topics=("wal-deliver",)))
+    monkeypatch.setattr(lanes, "aiter", lambda channel: channel, raising=False)
+    settings = SimpleNamespace(batch_size=10, batch_within_ms=1, agent_concurrency=1)
+    handled: list[int] = []
+
+    async def handle(batch: Batch) -> None:
+        handled.append(batch.records[0].offset)
+        if len(handled) == 1:
+            raise KeyError("a bug")
+        batch.ack()
+
+    lane.put(chunk(TP0, 0, 3))
+    task = asyncio.ensure_future(lanes.each_batch(stream, handle, settings))
+    await asyncio.sleep(0.05)
+    lane.put(chunk(TP0, 3, 2))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    assert handled == [0, 3]  # the agent lived on
+    assert [c.records[0].offset for c in consumer.acked] == [3]  # the failed batch: not acked
+    assert lane.taken == 0
