@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -174,7 +175,7 @@ async def test_commit_learns_log_starts_and_heal_re_reads_from_there() -> None:
     assert sought == [(TP0, 5)] and len(asked) == 2
 
 
-async def test_after_a_rebalance_a_partition_read_without_commits_restarts_at_its_log_start(
+async def test_after_a_rebalance_every_partition_without_commits_restarts_at_its_log_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from faust.transport.drivers import aiokafka as driver
@@ -183,22 +184,49 @@ async def test_after_a_rebalance_a_partition_read_without_commits_restarts_at_it
         return None
 
     monkeypatch.setattr(driver.Consumer, "perform_seek", faust_seek)
-    tp1 = TP("wal-ingest", 1)
+    tp1, tp2 = TP("wal-ingest", 1), TP("wal-ingest", 2)
     c = consumer([], committed=None)
     c._committed_offset[tp1] = 40
-    c.assignment = lambda: {TP0, tp1}  # type: ignore[method-assign]
+    c.assignment = lambda: [TP0, tp1, tp2]  # type: ignore[method-assign]
     c.handed[TP0] = 2500  # read before the rebalance, never committed
     c.handed[tp1] = 90
+    # tp2: fetched and dropped before anything was handed (flow suspended for the
+    # recovery): the fetcher's position is past records no one has seen
     sought: list[tuple[TP, int]] = []
 
-    async def seek(tp: TP, offset: int) -> None:
-        sought.append((tp, offset))
+    async def in_consumer_thread(fn: object, offsets: dict[TP, int]) -> None:
+        sought.extend(offsets.items())  # one hop to the consumer thread for them all
 
     async def earliest_offsets(*tps: TP) -> dict[TP, int]:
         return {tp: 0 for tp in tps}
 
-    c.seek = seek  # type: ignore[method-assign,assignment]
+    c._in_consumer_thread = in_consumer_thread  # type: ignore[method-assign]
     c.earliest_offsets = earliest_offsets  # type: ignore[method-assign,assignment]
     await c.perform_seek()
-    assert sought == [(TP0, 0)]  # tp1 has a committed offset: Faust's seek is right
+    assert sought == [(TP0, 0), (tp2, 0)]  # tp1 has a committed offset: Faust's seek is right
     assert TP0 not in c.handed
+
+
+async def test_a_seek_runs_in_the_consumer_thread() -> None:
+    """Faust's seek called aiokafka's from the main thread, racing the consumer thread's
+    ``fetched_records`` (a KeyError crashed the fetcher and stopped the worker)."""
+    calls: list[tuple[str, object]] = []
+
+    class AiokafkaConsumer:
+        def seek(self, tp: TP, offset: int) -> None:
+            calls.append(("seek", (tp, offset)))
+
+    class Thread:
+        def _ensure_consumer(self) -> AiokafkaConsumer:
+            return AiokafkaConsumer()
+
+        async def call_thread(self, fn: Callable[..., object], *args: object) -> object:
+            calls.append(("call_thread", fn))
+            return fn(*args)
+
+    c = consumer([], committed=None)
+    c._thread = Thread()  # type: ignore[assignment]
+    c.log = SimpleNamespace(dev=lambda *a: None)  # type: ignore[assignment]
+    await c.seek(TP0, 7)
+    assert [name for name, _ in calls] == ["call_thread", "seek"]
+    assert calls[1][1] == (TP0, 7) and c._read_offset[TP0] == 7
