@@ -53,14 +53,36 @@ def _fold(records: list[tuple[int, int, bytes | None]]) -> list[str]:
     skipped = []
     for partition, offset, value in records:
         try:
-            book.fold(partition, _entries(value))
+            bundle = orjson.loads(value or b"")
+            if isinstance(bundle, dict):
+                book.fold_groups(partition, _groups(bundle))
+            else:
+                book.fold(partition, _entries(bundle))
         except (ValueError, KeyError, TypeError) as exc:
             skipped.append(f"{NAMES['status']}/{partition}/{offset}: {exc}")
     return skipped
 
 
-def _entries(raw: bytes | None) -> list[dict[str, Any]]:
-    entries = orjson.loads(raw or b"")
+def _groups(bundle: dict[str, Any]) -> list[list[Any]]:
+    """A grouped bundle's groups, checked: ``[namespace, step, at, fields or None, ids]``."""
+    groups = bundle.get("g")
+    if not isinstance(groups, list) or not all(
+        isinstance(g, list)
+        and len(g) == 5
+        and isinstance(g[0], str)
+        and isinstance(g[1], str)
+        and isinstance(g[2], int)
+        and (g[3] is None or isinstance(g[3], dict))
+        and isinstance(g[4], list)
+        and all(isinstance(i, str) for i in g[4])
+        for g in groups
+    ):
+        raise ValueError("not a bundle of status groups")
+    return groups
+
+
+def _entries(entries: Any) -> list[dict[str, Any]]:
+    """A bundle of the first format (a list of entries), checked."""
     if not isinstance(entries, list) or not all(
         isinstance(e, dict) and isinstance(e.get("id"), str) and isinstance(e.get("at"), int)
         for e in entries

@@ -6,6 +6,10 @@ dropped per target at delivery. A batch's entries go out with the records the
 batch emits anyway (:func:`drain`), bundled one record per ``wal-status``
 partition, the partition a message id hashes to with Kafka's default
 partitioner - so one small record carries a whole batch, not one per message.
+A bundle is grouped (``{"g": [[namespace, step, at, fields, [ids…]], …]}``):
+the entries of a batch share their namespace, step, millisecond and fields, so
+a message costs its id and no more (a list of one object per entry, the first
+format - still read - was 220 bytes and 7 µs of CPU a message, py-spy).
 
 The worker assigned a ``wal-status`` partition folds its bundles into an
 in-memory :class:`StatusBook`, and Faust's topic routing sends a request for an
@@ -38,6 +42,9 @@ from tables import compact
 TARGET_STEPS = ("dead_lettered", "dropped", "failed", "retrying", "delivered")
 MESSAGE_STEPS = ("accepted", "delayed", "rejected")
 
+#: A status entry's fields beyond id, namespace, step and time: (name, value) pairs.
+Fields = tuple[tuple[str, Any], ...]
+
 
 def status_partition(message_id: str, partitions: int) -> int:
     """The partition Kafka's default partitioner gives ``message_id`` as a key."""
@@ -48,28 +55,49 @@ class Collector:
     """Status entries noted while a batch is processed, until the batch emits them."""
 
     def __init__(self) -> None:
-        self._entries: list[dict[str, Any]] = []
+        # (namespace, step, at, fields or None) -> the ids that reached it
+        self._groups: dict[tuple[str, str, int, Fields | None], list[str]] = {}
 
-    def note(self, message_id: str | None, namespace: str, step: str, **fields: Any) -> None:
+    def note(
+        self, message_id: str | None, namespace: str, step: str, **fields: str | int | None
+    ) -> None:
         """Record that ``message_id`` reached ``step`` (``target``, ``attempt``, ``code``…)."""
         if not message_id:
             return
-        entry = {"id": message_id, "ns": namespace, "st": step, "at": int(time.time() * 1000)}
-        for key, value in fields.items():
-            if value is not None:
-                entry[key] = value
-        self._entries.append(entry)
+        rest = tuple([item for item in fields.items() if item[1] is not None]) or None
+        key = (namespace, step, int(time.time() * 1000), rest)
+        ids = self._groups.get(key)
+        if ids is None:
+            self._groups[key] = [message_id]
+        else:
+            ids.append(message_id)
 
     def drain(self, topic: str, partitions: int) -> list[Record]:
-        """The noted entries as one record per ``wal-status`` partition; forgets them."""
-        bundles: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for entry in self._entries:
-            bundles[status_partition(entry["id"], partitions)].append(entry)
-        self._entries = []
+        """The noted entries as one bundle per ``wal-status`` partition; forgets them."""
+        bundles: dict[int, list[list[Any]]] = defaultdict(list)
+        for (namespace, step, at, rest), ids in self._groups.items():
+            by_partition: dict[int, list[str]] = defaultdict(list)
+            for message_id in ids:
+                by_partition[status_partition(message_id, partitions)].append(message_id)
+            fields = dict(rest) if rest else None
+            for p, members in by_partition.items():
+                bundles[p].append([namespace, step, at, fields, members])
+        self._groups = {}
         return [
-            Record(topic, None, orjson.dumps(entries), {}, partition=p)
-            for p, entries in sorted(bundles.items())
+            Record(topic, None, orjson.dumps({"g": groups}), {}, partition=p)
+            for p, groups in sorted(bundles.items())
         ]
+
+
+def entries_of(bundle: Any) -> list[dict[str, Any]]:
+    """A decoded bundle, of either format, as one entry per message and step."""
+    if isinstance(bundle, list):
+        return bundle
+    return [
+        {"id": message_id, "ns": ns, "st": step, "at": at, **(fields or {})}
+        for ns, step, at, fields, ids in bundle["g"]
+        for message_id in ids
+    ]
 
 
 def fold(doc: dict[str, Any] | None, entry: dict[str, Any]) -> dict[str, Any]:
@@ -149,18 +177,34 @@ class StatusBook:
         return len(self._docs)
 
     def fold(self, partition: int, entries: list[dict[str, Any]]) -> None:
-        docs = self._docs
+        """Fold a bundle of the first format: one object per entry."""
         for entry in entries:
-            message_id = entry["id"]
-            held = docs.pop(message_id, None)
-            slim = _slim(entry)
-            if held is None:
-                docs[message_id] = (partition, None, (slim,))
-            elif len(held[2]) < UNFOLDED:
-                docs[message_id] = (partition, held[1], (*held[2], slim))
-            else:
-                doc = self._folded(message_id, held[1], (*held[2], slim))
-                docs[message_id] = (partition, compact(orjson.dumps(doc)), ())
+            self._add(partition, entry["id"], _slim(entry))
+        self._trim()
+
+    def fold_groups(self, partition: int, groups: list[list[Any]]) -> None:
+        """Fold a grouped bundle: ``[namespace, step, at, fields or None, ids]`` each."""
+        add = self._add
+        for ns, step, at, fields, ids in groups:
+            rest = tuple(fields.items()) if fields else None
+            slim = (sys.intern(ns), sys.intern(step), at, rest)
+            for message_id in ids:
+                add(partition, message_id, slim)
+        self._trim()
+
+    def _add(self, partition: int, message_id: str, slim: tuple[Any, ...]) -> None:
+        docs = self._docs
+        held = docs.pop(message_id, None)
+        if held is None:
+            docs[message_id] = (partition, None, (slim,))
+        elif len(held[2]) < UNFOLDED:
+            docs[message_id] = (partition, held[1], (*held[2], slim))
+        else:
+            doc = self._folded(message_id, held[1], (*held[2], slim))
+            docs[message_id] = (partition, compact(orjson.dumps(doc)), ())
+
+    def _trim(self) -> None:
+        docs = self._docs
         while len(docs) > self.capacity:
             docs.popitem(last=False)
 

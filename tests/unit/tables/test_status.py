@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 from aiokafka.partitioner import DefaultPartitioner
 
-from tables.status import Collector, StatusBook, fold, status_partition
+from tables.status import Collector, StatusBook, entries_of, fold, status_partition
 
 
 def entry(step: str, at: int, **fields: object) -> dict[str, object]:
@@ -29,7 +29,7 @@ def test_a_batch_goes_out_as_one_bundle_per_partition() -> None:
     assert len(records) <= 4 and len({r.partition for r in records}) == len(records)
     seen = []
     for record in records:
-        entries = orjson.loads(record.value or b"")
+        entries = entries_of(orjson.loads(record.value or b""))
         assert {status_partition(e["id"], 4) for e in entries} == {record.partition}
         seen += [e["id"] for e in entries]
     assert sorted(seen) == sorted(ids)
@@ -98,3 +98,33 @@ def test_the_book_answers_as_folding_every_entry_would_however_many_it_holds() -
         answer = {k: v for k, v in expected.items() if k != "_admittedAt"}
         assert book.get("m1") == answer, f"after {n} entries"
     assert (book.get("m1") or {})["status"] == "completed"
+
+
+def test_a_bundle_groups_the_entries_that_share_namespace_step_time_and_fields() -> None:
+    collector = Collector()
+    for n in range(40):
+        collector.note(f"id-{n}", "orders", "delivered", target="pg", attempt=1, code=None)
+    collector.note("id-x", "orders", "retrying", target="hook", attempt=2, code="TIMEOUT")
+    records = collector.drain("wal-status", 1)
+    bundle = orjson.loads(records[0].value or b"")
+    heads = sorted((g[1], g[3]["target"]) for g in bundle["g"])
+    assert ("retrying", "hook") in heads and len(heads) <= 4  # at most one per millisecond
+    assert sum(len(g[4]) for g in bundle["g"]) == 41
+    assert len(records[0].value or b"") < 41 * 60  # about an id a message, not an object
+    entries = {e["id"]: e for e in entries_of(bundle)}
+    assert entries["id-x"]["code"] == "TIMEOUT" and entries["id-x"]["attempt"] == 2
+    assert "code" not in entries["id-0"]  # a field that was None is left out
+
+
+def test_a_grouped_bundle_folds_as_its_entries_do() -> None:
+    collector = Collector()
+    collector.note("m1", "orders", "accepted", transactionId="t1")
+    collector.note("m2", "orders", "accepted")
+    collector.note("m1", "orders", "retrying", target="hook", attempt=1, next=99)
+    grouped = orjson.loads(collector.drain("wal-status", 1)[0].value or b"")
+    by_groups, by_entries = StatusBook(capacity=10), StatusBook(capacity=10)
+    by_groups.fold_groups(0, grouped["g"])
+    by_entries.fold(0, entries_of(grouped))
+    for message_id in ("m1", "m2"):
+        assert by_groups.get(message_id) == by_entries.get(message_id) is not None
+    assert (by_groups.get("m1") or {})["transactionId"] == "t1"
