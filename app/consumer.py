@@ -123,6 +123,17 @@ class StrictConsumer(driver.Consumer):
         thread = self._thread
         return await thread.call_thread(fn, thread._ensure_consumer(), *args)
 
+    async def verify_all_partitions_active(self) -> None:
+        """Faust's check that every partition's events flow (it logs the ones that do not),
+        every :data:`LIVELOCK_CHECK_S` rather than every 2.5 commit intervals: it visits every
+        assigned partition with a yield to the loop each, about a tenth of an idle worker's
+        CPU, and stuck partitions are the :meth:`heal` timer's business here."""
+        now = monotonic()
+        if now - self.__dict__.get("_livelock_checked", 0.0) < LIVELOCK_CHECK_S:
+            return
+        self.__dict__["_livelock_checked"] = now
+        await super().verify_all_partitions_active()
+
     async def commit(self, *args: Any, **kwargs: Any) -> bool:
         """Faust's commit, once the start of every log without a committed offset is known."""
         await self._learn_log_starts()
@@ -481,6 +492,8 @@ class FetchPace:
 IDLE_FETCH = (1, 1500)
 #: How long a rebalance is paced as busy: its join, the tables' recovery, the resume.
 SETTLE_S = 5.0
+#: How often Faust's livelock scan of every partition runs (its own: 2.5 s).
+LIVELOCK_CHECK_S = 30.0
 
 
 class KeepingFlowControl(FlowControlEvent):

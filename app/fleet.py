@@ -67,8 +67,7 @@ def create_app(s: Settings) -> faust.App:
         broker_commit_interval=s.commit_interval_s,
         broker_commit_every=10_000,
         broker_session_timeout=s.session_timeout_s,
-        # a joining worker waits for the members' next heartbeat (1 s at the default session)
-        broker_heartbeat_interval=max(1.0, s.session_timeout_s / 10),
+        broker_heartbeat_interval=max(1.0, s.session_timeout_s / 5),
         stream_buffer_maxsize=max(4096, s.batch_size * 4),
         web_host=s.web_host,
         web_port=s.web_port,

@@ -78,14 +78,25 @@ def consumer_lag() -> dict[str, dict[int, int]]:
 
 #: Log start offsets of assigned partitions the group has never committed.
 _log_start: dict[Any, int] = {}
+#: When ``_log_start`` was last asked for whole (monotonic): retention moves log starts
+#: slowly, and asking for every never-committed partition (most of an idle worker's:
+#: delay tiers, transactions, stats) each lag refresh was a fifth of its idle CPU.
+_log_start_asked = [0.0]
+LOG_START_EVERY_S = 60.0
 
 
 async def _learn_log_starts() -> None:
     consumer = _consumer()
     never = [tp for tp in _source_tps() if consumer._committed_offset.get(tp) is None]
-    _log_start.clear()
-    if never:
-        _log_start.update(await probe.log_starts(never))
+    now = time.monotonic()
+    stale = now - _log_start_asked[0] >= LOG_START_EVERY_S
+    ask = never if stale else [tp for tp in never if tp not in _log_start]
+    if ask:
+        _log_start.update(await probe.log_starts(ask))
+        if stale:
+            _log_start_asked[0] = now
+    for gone in set(_log_start) - set(never):
+        del _log_start[gone]
 
 
 def members() -> list[dict[str, Any]]:

@@ -10,7 +10,10 @@ Lifecycle
     for a configuration that can never work (unknown option, bad URL). It
     must not fail because the remote end is down: connect lazily, so that a
     target that is down shows up as *retryable* outcomes, not as a crash.
-    ``close()`` once at the end; never raises.
+    ``close()`` once at the end; never raises. ``warm()``, optional, connects
+    ahead of the first batch (the worker calls it once its partitions are
+    assigned, so the first write does not pay for connections and tables); it
+    may raise, and a failure changes nothing: ``deliver`` still connects lazily.
 
 Batches
     ``deliver(batch)`` takes a sequence of :class:`Write` items and returns a
@@ -115,6 +118,9 @@ class Target(ABC):
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Prepare to deliver; connect lazily (see the module docstring)."""
+
+    async def warm(self) -> None:  # noqa: B027 - optional hook
+        """Connect now rather than at the first batch (see the module docstring)."""
 
     @abstractmethod
     async def deliver(self, batch: Sequence[Write]) -> list[Outcome]:

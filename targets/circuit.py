@@ -138,6 +138,9 @@ class GuardedTarget(Target):
     async def open(self) -> None:
         await self.inner.open()
 
+    async def warm(self) -> None:  # not a delivery: the breaker does not count it
+        await self.inner.warm()
+
     async def deliver(self, batch: Sequence[Write]) -> list[Outcome]:
         if not batch:
             return []

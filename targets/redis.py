@@ -116,6 +116,10 @@ class RedisTarget(Target):
         except (ValueError, TypeError, rx.RedisError):
             raise ConfigError(f"redis target {self.name}: unusable url") from None
 
+    async def warm(self) -> None:
+        if self._client is not None:
+            await self._client.ping()
+
     async def close(self) -> None:
         if self._client is not None:
             with contextlib.suppress(Exception):  # close never raises

@@ -103,6 +103,10 @@ class SqlTarget(Target):
         #: psycopg connections whose session has the journal's staging table.
         self._staged: weakref.WeakSet[Any] = weakref.WeakSet()
 
+    async def warm(self) -> None:
+        """A pooled connection, and the journal or ledger table in place."""
+        await self._prepare()
+
     async def close(self) -> None:
         if self._engine is not None:
             with contextlib.suppress(Exception):  # close never raises

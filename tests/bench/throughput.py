@@ -44,7 +44,15 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from tests.integration.harness import BOOTSTRAP, PG_DSN, ROOT, Fleet, group_lag, pg_query
+from tests.integration.harness import (
+    BOOTSTRAP,
+    PG_DSN,
+    ROOT,
+    Fleet,
+    delete_topics,
+    group_lag,
+    pg_query,
+)
 
 NAMESPACE = "bench"
 PARTITIONS = 8
@@ -113,18 +121,6 @@ async def create_topics(*names: str, partitions: int = PARTITIONS) -> None:
     await admin.start()
     try:
         await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
-    finally:
-        await admin.close()
-
-
-async def delete_topics(prefix: str) -> None:
-    """Delete every topic whose name starts with ``prefix`` (the run's own)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-    await admin.start()
-    try:
-        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
-        if names:
-            await admin.delete_topics(names)
     finally:
         await admin.close()
 

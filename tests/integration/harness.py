@@ -182,6 +182,18 @@ class Fleet:
             w.stop()
 
 
+async def delete_topics(prefix: str) -> None:
+    """Delete every topic whose name starts with ``prefix`` (a fleet's own)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
 async def produce(
     topic: str,
     values: Iterable[bytes | None],
