@@ -152,7 +152,7 @@ def _circuits(circuits: Sequence[Mapping[str, Any]]) -> str:
             _e(c.get("worker")),
         ]
         rows.append(_row("td", cells, raw=True, numeric=[2]))
-    empty = "<tr><td colspan='4' class='muted'>no targets called yet</td></tr>"
+    empty = "<tr><td colspan='4' class='muted'>no targets opened yet</td></tr>"
     return _section("Circuit breakers", head + ("".join(rows) or empty))
 
 

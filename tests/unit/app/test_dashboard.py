@@ -128,7 +128,7 @@ def test_every_value_from_the_data_is_escaped() -> None:
 
 def test_empty_fleet_and_unknown_numbers_render() -> None:
     text = read(render({"namespaces": [], "workers": [], "circuits": [], "backlog": None})).text
-    assert "no namespaces" in text and "no workers" in text and "no targets called yet" in text
+    assert "no namespaces" in text and "no workers" in text and "no targets opened yet" in text
     assert "n/a Retry/delay backlog" in text
     ns = {"name": "fresh", "dlq": {"topic": "wal-dlq", "depth": None}}
     text = read(render(fleet_data(namespaces=[ns]))).text
