@@ -136,6 +136,22 @@ def test_fetches_are_patient_only_while_the_worker_is_busy() -> None:
     assert not pace.is_busy
 
 
+def test_a_rebalance_fetches_as_busy_for_a_while_whatever_the_rate() -> None:
+    """The fetch sent at an assignment held back the partitions resumed after recovery
+    for Faust's whole 1.5 s long-poll, twice a rebalance."""
+    from app.consumer import IDLE_FETCH, SETTLE_S, FetchPace
+
+    fetcher = SimpleNamespace(_fetch_min_bytes=1, _fetch_max_wait_ms=1500)
+    pace = FetchPace(65536, 100, busy_rate=500)
+    pace._since = 0.0
+    pace.settle(fetcher, now=10.0)  # at once: the next fetch request is built with it
+    assert (fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms) == (65536, 100)
+    pace.pace(fetcher, 0, now=10.0 + SETTLE_S / 2)  # nothing read yet: still settling
+    assert pace.is_busy
+    pace.pace(fetcher, 0, now=10.0 + SETTLE_S + 1)  # settled and idle
+    assert (fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms) == IDLE_FETCH
+
+
 def test_with_no_committed_offset_the_log_start_is_the_base() -> None:
     # A fresh group: Faust itself commits any first run of acks, here 2000..2002, and the
     # records 0..1999 - handed over before a rebalance and dropped - are skipped for good.
