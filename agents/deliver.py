@@ -120,6 +120,9 @@ async def target_for(namespace: str, definition: TargetDef) -> Target:
 
 
 _warming: set[asyncio.Task[int]] = set()
+#: At most this many namespaces are warmed (each SQL target is an engine of its own, and
+#: warming opens a connection: a worker must not open one per idle namespace of hundreds).
+WARM_NAMESPACES = 16
 
 
 @fleet.on_rebalance_complete.connect
@@ -142,10 +145,9 @@ async def warm_targets() -> int:
     its SQL connection and tables not there yet (370 ms, ``make bench``). A failure is
     logged; delivery connects lazily as before. Returns how many targets were warmed."""
     warmed = 0
-    for name in all_names():
-        namespace = lookup(name)
-        if namespace is None or not namespace.enabled:
-            continue
+    enabled = [n for n in map(lookup, all_names()) if n is not None and n.enabled]
+    for namespace in enabled[:WARM_NAMESPACES]:
+        name = namespace.name
         for definition, _ in _default_targets(namespace):
             try:
                 await (await target_for(name, definition)).warm()

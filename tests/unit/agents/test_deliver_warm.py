@@ -83,3 +83,9 @@ async def test_a_target_that_cannot_be_configured_is_logged_not_raised(
     monkeypatch.setattr(Fake, "open", refuse)
     assert await deliver.warm_targets() == 0
     assert caplog.text.count("failed: ConfigError") == 3
+
+
+async def test_only_the_first_namespaces_are_warmed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(deliver, "WARM_NAMESPACES", 1)  # "off" is not counted: disabled
+    assert await deliver.warm_targets() == 1
+    assert sorted(Fake.opened) == ["cache", "pg"]  # "orders" only ("plain" comes after it)
