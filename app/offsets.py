@@ -61,7 +61,7 @@ def consumer_lag() -> dict[str, dict[int, int]]:
     """Topic → partition → records behind: high watermark minus the committed offset.
 
     Before the group's first commit of a partition, its log start offset (as the
-    lag timer last saw it) stands in for the committed offset. Partitions not
+    consumer last learned it) stands in for the committed offset. Partitions not
     fetched from yet (no high watermark) and those without either are left out.
     """
     consumer = _consumer()
@@ -69,34 +69,28 @@ def consumer_lag() -> dict[str, dict[int, int]]:
     for tp in _source_tps():
         high = consumer.highwater(tp)
         committed = consumer._committed_offset.get(tp)  # Faust's own bookkeeping
-        done = _log_start.get(tp) if committed is None else committed
+        done = consumer.log_start.get(tp) if committed is None else committed
         if high is None or done is None:
             continue
         out.setdefault(tp.topic, {})[tp.partition] = max(0, high - done)
     return out
 
 
-#: Log start offsets of assigned partitions the group has never committed.
-_log_start: dict[Any, int] = {}
-#: When ``_log_start`` was last asked for whole (monotonic): retention moves log starts
-#: slowly, and asking for every never-committed partition (most of an idle worker's:
-#: delay tiers, transactions, stats) each lag refresh was a fifth of its idle CPU.
+#: When the log starts of never-committed partitions were last asked for again
+#: (monotonic): retention moves them slowly, and asking for every one (most of an idle
+#: worker's partitions: delay tiers, transactions, stats) each lag refresh was a fifth of
+#: its idle CPU. New partitions are learned at once (the consumer does, at a rebalance).
 _log_start_asked = [0.0]
 LOG_START_EVERY_S = 60.0
 
 
 async def _learn_log_starts() -> None:
-    consumer = _consumer()
-    never = [tp for tp in _source_tps() if consumer._committed_offset.get(tp) is None]
+    """Keep the consumer's log starts (the base of its commit rule) current for the lag."""
     now = time.monotonic()
     stale = now - _log_start_asked[0] >= LOG_START_EVERY_S
-    ask = never if stale else [tp for tp in never if tp not in _log_start]
-    if ask:
-        _log_start.update(await probe.log_starts(ask))
-        if stale:
-            _log_start_asked[0] = now
-    for gone in set(_log_start) - set(never):
-        del _log_start[gone]
+    await _consumer()._learn_log_starts(_source_tps(), again=stale)
+    if stale:
+        _log_start_asked[0] = now
 
 
 def members() -> list[dict[str, Any]]:
@@ -218,17 +212,6 @@ class Probe:
     async def depth(self, topic: str) -> int | None:
         """Records in ``topic`` (end minus beginning offsets); None if it does not exist."""
         return cast(int | None, await self._cached(f"depth:{topic}", lambda: self._depth(topic)))
-
-    async def log_starts(self, tps: list[Any]) -> dict[Any, int]:
-        """First offsets of these partitions (not cached: the lag timer asks)."""
-        async with self._lock:
-            await self._start()
-            assert self._consumer is not None
-            wanted = [TopicPartition(tp.topic, tp.partition) for tp in tps]
-            starts = await asyncio.wait_for(
-                self._consumer.beginning_offsets(wanted), self.timeout_s
-            )
-        return {(tp.topic, tp.partition): offset for tp, offset in starts.items()}
 
     async def _cached(self, key: str, compute: Any) -> Any:
         hit = self._cache.get(key)
