@@ -102,6 +102,8 @@ def dispatch(state: dict[str, Any], effect: txns.Dispatch) -> Record:
 @fleet.timer(1.0)
 async def expire_transactions() -> None:
     """Time out our transactions past their deadline; forget those ended long ago."""
+    if not len(txns.transactions):  # the common case: no transaction on our partitions
+        return
     now = int(time.time() * 1000)
     retention_ms = int(settings.transaction_retention_s * 1000)
     events: list[tuple[str, str]] = []

@@ -121,17 +121,20 @@ async def test_flow_control_keeps_queued_records_on_a_redundant_resume() -> None
 
 
 def test_fetches_are_patient_only_while_the_worker_is_busy() -> None:
-    from app.consumer import IDLE_FETCH, FetchPace
+    from app.consumer import BUSY_ROUTINE_S, IDLE_FETCH, IDLE_ROUTINE_S, FetchPace
 
-    fetcher = SimpleNamespace(_fetch_min_bytes=1, _fetch_max_wait_ms=1500)
+    fetcher = SimpleNamespace(_fetch_min_bytes=1, _fetch_max_wait_ms=1500, _fetcher_timeout=0.2)
     pace = FetchPace(65536, 100, busy_rate=500)
     pace._since = 0.0
     pace.pace(fetcher, 400, now=0.5)  # counted, not judged before a second has passed
     assert (fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms) == IDLE_FETCH
     pace.pace(fetcher, 400, now=1.0)  # 800 records in a second: busy
     assert (fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms) == (65536, 100)
+    assert fetcher._fetcher_timeout == BUSY_ROUTINE_S
     pace.pace(fetcher, 100, now=2.0)  # a trickle again: answered at once
     assert (fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms) == IDLE_FETCH
+    # and the fetch routine no longer wakes five times a second to find nothing to do
+    assert fetcher._fetcher_timeout == IDLE_ROUTINE_S > BUSY_ROUTINE_S
     pace.pace(None, 5000, now=3.0)  # the consumer thread not started yet: nothing to set
     assert not pace.is_busy
 
