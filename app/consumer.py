@@ -30,6 +30,7 @@ It also hands the busiest topics' records to their agents in bulk (lanes,
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 from time import monotonic
 from typing import Any
 
@@ -191,11 +192,8 @@ class StrictConsumer(driver.Consumer):
                 self.diag.set_flag(CONSUMER_FETCHING)
                 fetched, active = await self._wait_next_records(1.0)
                 if pace is not None:
-                    pace.pace(
-                        self._aiokafka_fetcher(),
-                        sum(map(len, (fetched or {}).values())),
-                        monotonic(),
-                    )
+                    count, nbytes = _volume(fetched)
+                    pace.pace(self._aiokafka_fetcher(), count, monotonic(), nbytes)
                 await self.sleep(0)
                 if not fetched or self.should_stop:
                     continue
@@ -450,7 +448,12 @@ class FetchPace:
     a worker's CPU at 1 000 msgs/s (py-spy). While the worker reads more than
     ``busy_rate`` records a second, its fetches ask the broker to gather ``min_bytes``
     for up to ``max_wait_ms`` first (fewer, fuller fetches); below that, Faust's
-    fetch, so a trickle is not delayed and an idle worker polls every 1.5 s.
+    fetch, so a trickle is not delayed and an idle worker polls every 1.5 s. The bytes
+    gathered grow with the traffic - what arrives in :data:`BUSY_FETCH_S`, at least
+    ``min_bytes``, at most :data:`MAX_BUSY_FETCH_BYTES` - so a fetch costs the same
+    share of the worker whatever the rate: with a fixed 64 KiB, one worker reading
+    5 000 msgs/s answered about a hundred fetches a second and fell behind (``make
+    bench``'s latency part).
 
     A rebalance is paced as busy for :data:`SETTLE_S` (:meth:`settle`): aiokafka keeps
     one fetch in flight per broker, so a partition resumed after the tables' recovery
@@ -462,7 +465,9 @@ class FetchPace:
         self.busy = (min_bytes, max_wait_ms)
         self.busy_rate = busy_rate
         self.is_busy = False
+        self.min_bytes = min_bytes  # of a busy fetch, for the current traffic
         self._count = 0
+        self._bytes = 0
         self._since = monotonic()
         self._settling_until = 0.0
 
@@ -471,26 +476,51 @@ class FetchPace:
         self._settling_until = now + SETTLE_S
         self._set(fetcher, busy=True)
 
-    def pace(self, fetcher: Any, records: int, now: float) -> None:
-        """Count ``records`` fetched; once a second, set ``fetcher``'s fetch to suit."""
+    def pace(self, fetcher: Any, records: int, now: float, nbytes: int = 0) -> None:
+        """Count ``records`` (``nbytes``) fetched; once a second, set ``fetcher``'s fetch
+        to suit."""
         self._count += records
+        self._bytes += nbytes
         elapsed = now - self._since
         if elapsed < 1.0:
             return
         busy = self._count / elapsed >= self.busy_rate or now < self._settling_until
-        self._count, self._since = 0, now
+        wanted = int(self._bytes / elapsed * BUSY_FETCH_S)
+        self.min_bytes = max(self.busy[0], min(wanted, MAX_BUSY_FETCH_BYTES))
+        self._count, self._bytes, self._since = 0, 0, now
         self._set(fetcher, busy=busy)
 
     def _set(self, fetcher: Any, *, busy: bool) -> None:
-        if busy != self.is_busy and fetcher is not None:
+        if fetcher is None:
+            return
+        # read by aiokafka's fetcher for each request it builds (its own thread)
+        if busy:
+            fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = self.min_bytes, self.busy[1]
+        elif self.is_busy:
+            fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = IDLE_FETCH
+        if busy != self.is_busy:
             self.is_busy = busy
-            # read by aiokafka's fetcher for each request it builds (its own thread)
-            fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = self.busy if busy else IDLE_FETCH
             fetcher._fetcher_timeout = BUSY_ROUTINE_S if busy else IDLE_ROUTINE_S
+
+
+def _volume(fetched: Mapping[TP, Sequence[Any]] | None) -> tuple[int, int]:
+    """Records in a fetch, and about how many bytes (each chunk's count times the size
+    of its last value: a partition's records are mostly alike, and this is a pace)."""
+    records = nbytes = 0
+    for chunk in (fetched or {}).values():
+        records += len(chunk)
+        if chunk:
+            nbytes += len(chunk) * max(chunk[-1].serialized_value_size, 0)
+    return records, nbytes
 
 
 #: Faust's fetch: min bytes, max wait (ms).
 IDLE_FETCH = (1, 1500)
+#: A busy fetch gathers what arrives in this long (s), within ``WAL_FETCH_MIN_BYTES``
+#: and :data:`MAX_BUSY_FETCH_BYTES`: some forty fetches a second at most, each waiting
+#: ~20 ms more than a 64 KiB one would at 5 000 msgs/s of 1 KB.
+BUSY_FETCH_S = 0.025
+MAX_BUSY_FETCH_BYTES = 1024 * 1024
 #: Longest aiokafka's fetch routine sleeps when nothing wakes it, s: its default while
 #: busy; while idle, the fetch's long poll. Every event the routine acts on (a fetch
 #: answered, records consumed, a seek, a resume, a new assignment) wakes it, so the

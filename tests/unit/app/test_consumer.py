@@ -139,6 +139,38 @@ def test_fetches_are_patient_only_while_the_worker_is_busy() -> None:
     assert not pace.is_busy
 
 
+def test_a_busy_fetch_gathers_what_arrives_in_a_fixed_time_within_bounds() -> None:
+    """With a fixed 64 KiB one worker reading 5 000 msgs/s of 1 KB answered about a
+    hundred fetches a second and fell behind."""
+    from app.consumer import BUSY_FETCH_S, MAX_BUSY_FETCH_BYTES, FetchPace
+
+    fetcher = SimpleNamespace(_fetch_min_bytes=1, _fetch_max_wait_ms=1500, _fetcher_timeout=0.2)
+    pace = FetchPace(65536, 100, busy_rate=500)
+    pace._since = 0.0
+    pace.pace(fetcher, 10_000, now=1.0, nbytes=10_000 * 1024)  # 10 MB/s
+    assert fetcher._fetch_min_bytes == int(10_000 * 1024 * BUSY_FETCH_S) > 65536
+    assert fetcher._fetch_max_wait_ms == 100  # what bounds the wait stays the setting
+    pace.pace(fetcher, 1_000, now=2.0, nbytes=1_000 * 1024)  # busy, but slow: the floor
+    assert fetcher._fetch_min_bytes == 65536
+    pace.pace(fetcher, 1_000_000, now=3.0, nbytes=10**9)  # a flood: the ceiling
+    assert fetcher._fetch_min_bytes == MAX_BUSY_FETCH_BYTES
+    pace.pace(fetcher, 10, now=4.0, nbytes=10_240)  # a trickle: Faust's fetch again
+    assert (fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms) == (1, 1500)
+
+
+def test_a_fetch_volume_is_its_records_and_about_their_bytes() -> None:
+    from app.consumer import _volume
+
+    def rec(size: int) -> SimpleNamespace:
+        return SimpleNamespace(serialized_value_size=size)
+
+    assert _volume(None) == (0, 0)
+    assert _volume({TP0: [rec(1000), rec(1024)], TP("t", 1): [rec(-1)], TP("t", 2): []}) == (
+        3,
+        2 * 1024,  # a tombstone's size is -1: counted as nothing
+    )
+
+
 def test_a_rebalance_fetches_as_busy_for_a_while_whatever_the_rate() -> None:
     """The fetch sent at an assignment held back the partitions resumed after recovery
     for Faust's whole 1.5 s long-poll, twice a rebalance."""
