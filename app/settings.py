@@ -76,9 +76,10 @@ class Settings(BaseSettings):
     with 50 ms (``make bench``'s latency part, README)."""
 
     fetch_min_bytes: int = Field(default=64 * 1024, ge=1, le=64 * 1024 * 1024)
-    """WAL_FETCH_MIN_BYTES: while a worker reads more than 500 records a second, how much
+    """WAL_FETCH_MIN_BYTES: while a worker reads more than 500 records a second, the least
     the broker gathers before it answers its fetch (or ``WAL_FETCH_MAX_WAIT_MS`` passes):
-    fewer, fuller fetches, less CPU. Below that rate fetches are answered at once."""
+    fewer, fuller fetches, less CPU. A busier worker's fetches gather more (25 ms of its
+    traffic, up to 1 MiB: ``FetchPace``). Below 500 a second fetches are answered at once."""
 
     fetch_max_wait_ms: int = Field(default=100, ge=1, le=30_000)
     """WAL_FETCH_MAX_WAIT_MS: longest the broker holds a busy worker's fetch for
