@@ -42,8 +42,9 @@ run: stack-up
 	@echo "logs: this terminal; stack logs: $(STACK) status"
 	exec $(VENV)/bin/wal worker
 
-# Stops the stack even when pytest fails, and exits with pytest's status.
-test: deps venv
+# Lints first (style and types are part of CI); stops the stack even when pytest
+# fails, and exits with pytest's status.
+test: deps venv lint
 	$(STACK) up || { $(STACK) down; exit 1; }
 	status=0; $(VENV)/bin/pytest tests || status=$$?; $(STACK) down; exit $$status
 

@@ -23,6 +23,23 @@ first run of acks, and a rebalance (which cannot seek back to a commit that does
 not exist) would skip what was fetched and dropped before it.
 :meth:`StrictConsumer.perform_seek` re-reads such a partition from its start.
 
+Where each partition's reading stands is kept here, and nowhere else: the next
+offset expected (``_next``), and when the partition was last sought. Records
+reach the agents only through :meth:`StrictConsumer._admit`, which refuses a
+partition's records fetched before its latest seek (they are read again from
+the seek's position) and records an offset gap only where the fetch itself
+proves one. That is the fix of issue 15: a seek (after the tables' recovery, a
+heal, a parked delay tier) reset Faust's read offset while records fetched from
+the old position were on their way from the consumer thread; when they arrived,
+the distance between the two was taken for a gap (transaction markers,
+compaction), a gap counts as acked, and the commit passed records that no
+agent had finished - lost, once a worker that was stopping or whose lanes were
+cleared had handed them over and dropped them.
+
+Every commit passes :class:`app.guard.CommitGuard` last: an offset whose
+records this worker has not proven done since it began reading the partition is
+refused, logged and counted (``wal_commits_refused_total``), never sent.
+
 It also hands the busiest topics' records to their agents in bulk (lanes,
 :mod:`app.lanes`) and paces its fetches to the traffic (:class:`FetchPace`).
 """
@@ -30,7 +47,8 @@ It also hands the busiest topics' records to their agents in bulk (lanes,
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from time import monotonic
 from typing import Any
 
@@ -41,10 +59,29 @@ from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 from mode.utils.queues import FlowControlEvent
 
+from app import metrics
+from app.guard import CommitGuard
 from app.lanes import Chunk, Lane, lanes_of
+
+log = logging.getLogger("wal.consumer")
 
 
 class StrictConsumer(driver.Consumer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_reading()
+
+    def _init_reading(self) -> None:
+        #: per partition being read: the offset of the next record to hand to an agent
+        self._next: dict[TP, int] = {}
+        #: seeks so far, and per partition the count when it was last sought
+        self._seeks = 0
+        self._sought_at: dict[TP, int] = {}
+        #: partitions whose fetched records were dropped: sought back to ``_next``
+        self._reseek: set[TP] = set()
+        self._seek_lock = asyncio.Lock()
+        self.guard = CommitGuard()
+
     @property
     def held(self) -> dict[TP, float]:
         """Partitions whose commits wait for a record, and since when (monotonic)."""
@@ -63,28 +100,86 @@ class StrictConsumer(driver.Consumer):
         return committed if committed is not None else self.log_start.get(tp)
 
     def _new_offset(self, tp: TP) -> int | None:
+        """The offset to commit for ``tp``: the end of the run of done offsets that begins
+        at its base (see :meth:`_base`), or None while the record at the base is not done.
+
+        Done is acked by an agent, or proven absent by a fetch (``_gap``, recorded only
+        by :meth:`_admit`). Faust's own rule commits the first run of consecutive acked
+        offsets even when the offset right after the last commit is missing from it, and
+        counts any gap it inferred as done (faust-streaming #312): neither is done here.
+        """
         acked = self._acked[tp]
-        committed = self._committed_offset[tp]
-        if acked:
-            # A record read twice (re-read after a seek) is acked twice; Faust's
-            # run-of-consecutive-offsets then stops at every repeat and commits
-            # crawl. Repeats and offsets already committed say nothing new.
-            fresh = sorted({o for o in acked if committed is None or o >= committed})
-            if fresh != acked:
-                acked[:] = fresh
-        if acked and not self._gap[tp]:
-            base = self._base(tp)
-            if base is None:
-                return None  # no commit yet and the log's start not known: commit() learns it
-            if min(acked) > base:
-                self.held.setdefault(tp, monotonic())
-                return None  # the record at `base` was not acked: do not pass it
+        if not acked:
+            return None
+        base = self._base(tp)
+        if base is None:
+            return None  # no commit yet and the log's start not known: commit() learns it
+        # A record read twice (re-read after a seek) is acked twice, and offsets below the
+        # base are committed already: neither says anything new.
+        fresh = sorted({o for o in acked if o >= base})
+        gaps = self._gap[tp]
+        end, i = base, 0
+        while True:
+            if i < len(fresh) and fresh[i] == end:
+                while i < len(fresh) and fresh[i] == end:
+                    end += 1
+                    i += 1
+                continue
+            absent = gaps.at(end) if gaps else ()
+            if not absent:
+                break
+            end = max(interval.end for interval in absent)
+            while i < len(fresh) and fresh[i] < end:
+                i += 1
+        acked[:] = fresh[i:]
+        if end == base:
+            self.held.setdefault(tp, monotonic())
+            return None  # the record at `base` is not done: do not pass it
+        self._acked_index[tp].difference_update(fresh[:i])
+        if gaps:
+            gaps.chop(0, end)
         self.held.pop(tp, None)
-        return super()._new_offset(tp)
+        return end
+
+    async def _commit_offsets(self, offsets: Mapping[TP, int], *args: Any, **kwargs: Any) -> bool:
+        """Faust's commit of ``offsets``, less any the :class:`~app.guard.CommitGuard` refuses."""
+        allowed, refused = self.guard.check(offsets)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "commit (generation %s, member %s): %s",
+                self.app.consumer_generation_id,
+                self._member_id(),
+                {
+                    f"{tp.topic}/{tp.partition}": (o, self.guard.frontier(tp))
+                    for tp, o in offsets.items()
+                },
+            )
+        for tp, why in refused.items():
+            metrics.COMMITS_REFUSED.labels(tp.topic).inc()
+            log.error(
+                "refused to commit %s/%s: %s (generation %s); its records are read again",
+                tp.topic,
+                tp.partition,
+                why,
+                self.app.consumer_generation_id,
+            )
+            self._acked.pop(tp, None)
+            self._acked_index.pop(tp, None)
+            self.held.setdefault(tp, monotonic())
+        if not allowed:
+            return False
+        committed: bool = await super()._commit_offsets(allowed, *args, **kwargs)
+        return committed
+
+    def _member_id(self) -> str:
+        """This worker's member id in the group (for the commit journal), if known."""
+        consumer = getattr(self._thread, "_consumer", None)
+        return str(getattr(getattr(consumer, "_coordinator", None), "member_id", "?"))
 
     async def perform_seek(self) -> None:
         """Faust's seek to the committed offsets after a rebalance - and every partition the
-        group has no committed offset for back to the start of its log.
+        group has no committed offset for back to the start of its log; then each
+        partition's reading begins there (:meth:`_sought`, the guard's start).
 
         Faust seeks only partitions with a committed offset; the others read on from
         wherever the fetcher was. Records fetched and dropped - the flow suspended
@@ -94,23 +189,32 @@ class StrictConsumer(driver.Consumer):
         bench``; :meth:`heal` found them 15 s later). From the start of the log,
         whatever was fetched and not finished is read again now.
         """
+        async with self._seek_lock:
+            await self._perform_seek()
+
+    async def _perform_seek(self) -> None:
+        tps = [tp for tp in self.assignment() if self.app.topics.acks_enabled_for(tp.topic)]
+        self._seeking(tps)
         await super().perform_seek()
-        uncommitted = [
-            tp
-            for tp in self.assignment()
-            if self._committed_offset.get(tp) is None and self.app.topics.acks_enabled_for(tp.topic)
-        ]
-        if not uncommitted:
-            return
-        await self._learn_log_starts(uncommitted, again=True)
-        starts = {tp: self.log_start[tp] for tp in uncommitted if tp in self.log_start}
-        await self._in_consumer_thread(_seek_all, starts)
-        for tp, start in starts.items():
-            self._read_offset[tp] = start or None  # as Faust's seek
-            self.handed.pop(tp, None)
+        uncommitted = [tp for tp in tps if self._committed_offset.get(tp) is None]
+        starts: dict[TP, int] = {}
+        if uncommitted:
+            await self._learn_log_starts(uncommitted, again=True)
+            # a start not learned: 0, which the fetcher resets to the log's start
+            starts = {tp: self.log_start.get(tp, 0) for tp in uncommitted}
+            await self._in_consumer_thread(_seek_all, starts)
+            for tp, start in starts.items():
+                self._read_offset[tp] = start or None  # as Faust's seek
+                self.handed.pop(tp, None)
+        assigned = self.assignment()
+        origins = {tp: starts.get(tp, self._committed_offset.get(tp)) for tp in tps}
+        self._sought({tp: o for tp, o in origins.items() if o is not None and tp in assigned})
+        for tp, origin in origins.items():
+            if origin is not None and tp in assigned:
+                self.guard.start(tp, origin)
 
     async def _seek(self, partition: TP, offset: int) -> None:
-        """Faust's seek, in the consumer's thread.
+        """Faust's seek, in the consumer's thread, and the partition's reading moved there.
 
         Faust calls aiokafka's ``seek`` from the main thread, while the consumer
         thread may be inside ``fetched_records`` between reading a partition's
@@ -118,7 +222,36 @@ class StrictConsumer(driver.Consumer):
         crashed with a ``KeyError`` (seen when every uncommitted partition was
         sought at a rebalance), stopping the worker.
         """
-        await self._in_consumer_thread(_seek_all, {partition: offset})
+        await self._seek_many({partition: offset})
+
+    async def _seek_many(self, offsets: Mapping[TP, int]) -> None:
+        """Seek each partition to its offset in one hop to the consumer thread."""
+        async with self._seek_lock:
+            self._seeking(offsets)
+            await self._in_consumer_thread(_seek_all, offsets)
+            self._sought(offsets)
+        for tp, offset in offsets.items():
+            self._read_offset[tp] = offset or None  # as Faust's seek
+
+    def _seeking(self, tps: Iterable[TP]) -> None:
+        """``tps`` are about to be sought: records fetched until then are not handed over.
+
+        Every seek runs ``_seeking``, the seek in the consumer thread and :meth:`_sought`
+        under ``_seek_lock``: two seeks of a partition interleaved could leave the next
+        offset expected below the fetcher's position, and the records between would
+        pass for a gap."""
+        self._seeks += 1
+        for tp in tps:
+            self._sought_at[tp] = self._seeks
+            self._next.pop(tp, None)
+            self._reseek.discard(tp)
+
+    def _sought(self, offsets: Mapping[TP, int]) -> None:
+        """The fetcher now reads each partition from its offset: the next record expected."""
+        self._seeks += 1
+        for tp, offset in offsets.items():
+            self._sought_at[tp] = self._seeks
+            self._next[tp] = offset
 
     async def _in_consumer_thread(self, fn: Any, *args: Any) -> Any:
         thread = self._thread
@@ -178,10 +311,15 @@ class StrictConsumer(driver.Consumer):
         consumer's flow both running (while the consumer's is suspended, Faust
         drops what it fetched: the seek after a rebalance reads it again) and
         no queue of the record's topic full - and through ``wait_first``
-        otherwise. Everything else is as in Faust: records below the read
-        offset are dropped, offset gaps are recorded, ``broker_commit_every``
-        commits, a fetch of another generation is abandoned, and the loop
-        yields to the event loop every 100 records.
+        otherwise.
+
+        Every record passes :meth:`_admit` on its way, with the seek count and
+        generation from before its fetch began. Records fetched and not handed
+        over (their partition paused, the flow stopped meanwhile) have their
+        partition sought back to the next record expected before the next
+        fetch, so that nothing consumed from the fetcher is skipped unseen.
+        ``broker_commit_every`` commits as in Faust, and the loop yields to the
+        event loop every 100 records.
         """
         lanes = lanes_of(self.app)
         pace = self._pace
@@ -190,28 +328,37 @@ class StrictConsumer(driver.Consumer):
         try:
             while not (stopped() or fetcher_stopped()):
                 self.diag.set_flag(CONSUMER_FETCHING)
+                fetched_at, generation = self._seeks, self.app.consumer_generation_id
                 fetched, active = await self._wait_next_records(1.0)
                 if pace is not None:
                     count, nbytes = _volume(fetched)
                     pace.pace(self._aiokafka_fetcher(), count, monotonic(), nbytes)
                 await self.sleep(0)
-                if not fetched or self.should_stop:
+                if not fetched:
+                    continue
+                if self.should_stop:
+                    self._dropped(fetched)
                     continue
                 if not self.flow_active:
                     await self._seek_back()
                     continue
-                generation = self.app.consumer_generation_id
+                current = self.app.consumer_generation_id
                 rest = {}
-                for tp, records in fetched.items():
+                pending = list(fetched.items())
+                for i, (tp, records) in enumerate(pending):
                     if not (active is None or tp in active or tp in self._buffered_partitions):
+                        self._dropped([tp])  # paused since the fetch
                         continue
                     lane = lanes.get(tp.topic)
                     if lane is None:
                         rest[tp] = records
-                    elif not await self._to_lane(lane, tp, records, generation):
+                    elif not await self._to_lane(lane, tp, records, generation, fetched_at):
+                        self._dropped(tp for tp, _ in pending[i:])
                         break
                 if rest:
-                    await self._to_streams(rest, generation)
+                    await self._to_streams(rest, generation, fetched_at, current)
+                if self._reseek:
+                    await self._seek_dropped()
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -227,6 +374,84 @@ class StrictConsumer(driver.Consumer):
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
 
+    def _admit(
+        self, tp: TP, records: Sequence[Any], generation: int, fetched_at: int
+    ) -> Sequence[Any]:
+        """What of ``tp``'s fetched ``records`` to hand to an agent now, and where its reading
+        then stands. Called right before the hand-over, with no await between the two.
+
+        A partition sought since the fetch began (``fetched_at`` seeks), or of another
+        generation, gets nothing: the fetcher reads it again from the seek's position.
+        Records before the next one expected were handed over already (or lie before a
+        seek's position) and are left out. A partition not being read yet (assigned, not
+        sought) gets nothing: its seek is coming. Only then, with the fetch known to
+        have begun where the last one handed over ended, is an offset missing before or
+        between the records absent from the log (transaction markers, compaction), and
+        recorded as such (:meth:`_absent`).
+        """
+        if not self.app.topics.acks_enabled_for(tp.topic):  # table changelogs: as Faust
+            read = self._read_offset[tp]
+            if read is not None and records[0].offset < read:
+                records = [r for r in records if r.offset >= read]
+            if records:
+                self._read_offset[tp] = records[-1].offset
+            return records
+        if (
+            generation != self.app.consumer_generation_id
+            or self._sought_at.get(tp, 0) > fetched_at
+            or tp in self._reseek
+        ):
+            self._dropped([tp])
+            return ()
+        expected = self._next.get(tp)
+        if expected is None:  # a seek under way, or the rebalance's not done yet
+            self._dropped([tp])
+            return ()
+        if records[0].offset < expected:
+            records = [r for r in records if r.offset >= expected]
+            if not records:
+                return records
+        last = records[-1].offset
+        if records[0].offset != expected or last - expected + 1 != len(records):
+            self._absent(tp, expected, records)
+        self._next[tp] = last + 1
+        self._read_offset[tp] = self.handed[tp] = last
+        return records
+
+    def _absent(self, tp: TP, expected: int, records: Sequence[Any]) -> None:
+        """Record the offsets from ``expected`` on that ``records`` skip: not in the log."""
+        gaps = self._gap[tp]
+        for record in records:
+            if record.offset > expected:
+                gaps.addi(expected, record.offset)
+                self.guard.cover(tp, expected, record.offset)
+                log.debug("%s: offsets %d-%d are not in the log", tp, expected, record.offset - 1)
+            expected = record.offset + 1
+        gaps.merge_overlaps()
+
+    def _dropped(self, tps: Iterable[TP]) -> None:
+        """Records of ``tps`` left the fetcher and were not handed over: seek them back to
+        the next record expected (:meth:`_seek_dropped`, before the next fetch; once it is
+        known, if a seek is under way). Until then nothing of them is handed over."""
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        self._reseek.update(tp for tp in tps if acks_enabled_for(tp.topic))
+
+    async def _seek_dropped(self) -> None:
+        assigned = self.assignment()
+        offsets = {}
+        for tp in list(self._reseek):
+            if tp not in assigned:
+                self._reseek.discard(tp)
+            elif tp in self._next:  # else its seek is under way (or a rebalance's is coming)
+                offsets[tp] = self._next[tp]
+        if not offsets:
+            return
+        try:
+            await self._seek_many(offsets)
+        except Exception as exc:  # left in _reseek: nothing of them is handed over until then
+            self._reseek.update(offsets)
+            log.warning("seeking %d partitions back failed (%r); trying again", len(offsets), exc)
+
     @property
     def _pace(self) -> FetchPace | None:
         if "_fetch_pace" not in self.__dict__:
@@ -236,7 +461,10 @@ class StrictConsumer(driver.Consumer):
         return pace
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
-        """Faust's, with fetches paced for the rebalance: see :meth:`FetchPace.settle`."""
+        """Faust's, with fetches paced for the rebalance (:meth:`FetchPace.settle`), and the
+        revoked partitions' readings ended: nothing fetched or acked for them counts now."""
+        self._seeking(revoked)
+        self.guard.forget(revoked)
         if self._pace is not None:
             self._pace.settle(self._aiokafka_fetcher(), monotonic())
         await super().on_partitions_revoked(revoked)
@@ -258,75 +486,58 @@ class StrictConsumer(driver.Consumer):
         except Exception as exc:
             self.log.warning("exception performing seek when flow not active %r", exc)
 
-    async def _to_lane(self, lane: Lane, tp: TP, records: list[Any], generation: int) -> bool:
+    async def _to_lane(
+        self, lane: Lane, tp: TP, records: list[Any], generation: int, fetched_at: int
+    ) -> bool:
         """Hand one partition's fetched records to its lane; False if the flow stopped."""
-        read = self._read_offset[tp]
-        if read is not None and records[0].offset < read:
-            records = [r for r in records if r.offset >= read]
-            if not records:
-                return True
-        if read and self.app.topics.acks_enabled_for(tp.topic):
-            await self._record_gaps(tp, read, records)
         if self._commit_every is not None and self._n_acked >= self._commit_every:
             self._n_acked = 0
             await self.commit()
         if lane.full():
             await self.wait_first(lane.wait_room(), self.suspend_flow.wait())
-        if (
-            not self.flow_active
-            or self.suspend_flow.is_set()
-            or self.app.consumer_generation_id != generation
-        ):
+        if not self.flow_active or self.suspend_flow.is_set():
             return False  # a rebalance began: the seek after it reads these again
+        admitted = self._admit(tp, records, generation, fetched_at)
+        if not admitted:
+            return True
         self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
-        lane.put(Chunk(tp, records, generation))
-        last = records[-1].offset
-        self._read_offset[tp] = self.handed[tp] = last
+        lane.put(Chunk(tp, admitted, generation))
         on_records_in = getattr(self.app.monitor, "on_records_in", None)
         if on_records_in is not None:
-            on_records_in(tp, len(records), last)
+            on_records_in(tp, len(admitted), admitted[-1].offset)
         return True
 
-    async def _record_gaps(self, tp: TP, read: int, records: list[Any]) -> None:
-        """Note offsets missing before and between ``records`` (compaction, markers)."""
-        if records[-1].offset - read == len(records):
-            return  # the common case: consecutive from the read offset on
-        previous = read
-        for record in records:
-            if record.offset - previous > 1:
-                await self._add_gap(tp, previous + 1, record.offset)
-            previous = record.offset
+    async def _to_streams(
+        self, fetched: dict[TP, list[Any]], generation: int, fetched_at: int, current: int
+    ) -> None:
+        """Records of topics without a lane, one by one to the conductor, as Faust does.
 
-    async def _to_streams(self, fetched: dict[TP, list[Any]], generation: int) -> None:
-        """Records of topics without a lane, one by one to the conductor, as Faust does."""
+        A rebalance while they are handed over (the generation no longer ``current``, as it
+        was when the fetch returned) ends the hand-over, as in Faust: the assignment's
+        seeks read the rest again (the tables' recovery, for changelogs)."""
         callback = self.callback
         flow = self.app.flow_control
         channels_of = self.app.topics._topic_name_index  # type: ignore[attr-defined]
-        read_offsets = self._read_offset
-        handed = self.handed
-        acks_enabled_for = self.app.topics.acks_enabled_for
         commit_every = self._commit_every
         suspended = self.suspend_flow.is_set
         to_message = self._to_message
+        admit = self._admit
         since_yield = 0
         for tp, record in self.scheduler.iterate(fetched):
-            if not self.flow_active or self.app.consumer_generation_id != generation:
+            if not self.flow_active or self.app.consumer_generation_id != current:
+                self._dropped(fetched)
                 break
-            self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
-            message = to_message(tp, record)
             since_yield += 1
             if since_yield > 100:
                 await asyncio.sleep(0)
                 since_yield = 0
-            offset = message.offset
-            read = read_offsets[tp]
-            if read is not None and offset < read:
-                continue  # before a seek's new position: read again after it
-            if read and offset - read > 1 and acks_enabled_for(message.topic):
-                await self._add_gap(tp, read + 1, offset)
             if commit_every is not None and self._n_acked >= commit_every:
                 self._n_acked = 0
                 await self.commit()
+            if not admit(tp, (record,), generation, fetched_at):
+                continue
+            self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+            message = to_message(tp, record)
             if (
                 flow.is_active()
                 and not suspended()
@@ -335,15 +546,33 @@ class StrictConsumer(driver.Consumer):
                 await callback(message)
             else:
                 await self.wait_first(callback(message), self.suspend_flow.wait())
-            read_offsets[tp] = handed[tp] = offset
+
+    def _reading(self, tp: TP, generation: int) -> bool:
+        """Whether an ack from ``generation`` counts: ``tp``'s reading is this one's."""
+        return generation == self.app.consumer_generation_id and self.guard.reading(tp)
+
+    def ack(self, message: Any) -> bool:
+        """Faust's ack of a stream's message - unless it was handed over before the partition's
+        current reading began (a rebalance since): then it is only marked done, not counted.
+        Faust's revoke forgets a partition's acks, and an ack arriving after that (the agent
+        finished meanwhile) would count it again for the next assignment."""
+        tp = message.tp
+        if not self._reading(tp, message.generation_id):
+            with ack_lock:
+                message.acked = True
+                self._unacked_messages.discard(message)
+                notify(self._waiting_for_ack)
+            return False
+        counted: bool = super().ack(message)
+        if counted:
+            self.guard.cover(tp, message.offset, message.offset + 1)
+        return counted
 
     def ack_chunk(self, chunk: Chunk) -> None:
         """Ack a lane chunk's records, unless a rebalance came between fetch and ack."""
         tp = chunk.tp
-        if chunk.generation != self.app.consumer_generation_id:
+        if not (self.app.topics.acks_enabled_for(tp.topic) and self._reading(tp, chunk.generation)):
             return  # read again from the committed offset after the rebalance's seek
-        if not self.app.topics.acks_enabled_for(tp.topic):
-            return
         with ack_lock:
             committed = self._committed_offset[tp]
             index = self._acked_index[tp]
@@ -356,6 +585,7 @@ class StrictConsumer(driver.Consumer):
                 index.update(fresh)
                 self._acked[tp].extend(fresh)
                 self._n_acked += len(fresh)
+                self.guard.cover_offsets(tp, fresh)
             notify(self._waiting_for_ack)
 
     async def wait_empty(self) -> None:
@@ -412,12 +642,43 @@ class StrictConsumer(driver.Consumer):
                 continue
             self.held.setdefault(tp, now)
 
+    def unsought(self, now: float) -> list[TP]:
+        """Partitions assigned and not sought (or waiting to be sought back), noting since
+        when (``_unsought_since``).
+
+        After an assignment the rebalance's :meth:`perform_seek` begins each
+        partition's reading; until then its records are not handed over. Should
+        that seek fail (the broker away), nothing would seek it again: the
+        partition is returned here once it has waited, for :meth:`heal`.
+        """
+        waiting = self.__dict__.setdefault("_unsought_since", {})
+        if not self.flow_active:
+            waiting.clear()
+            return []
+        current = {
+            tp
+            for tp in self.assignment()
+            if self.app.topics.acks_enabled_for(tp.topic)
+            and tp not in self._paused_partitions
+            and (tp not in self._next or tp in self._reseek)
+        }
+        for tp in list(waiting):
+            if tp not in current:
+                del waiting[tp]
+        for tp in current:
+            waiting.setdefault(tp, now)
+        return sorted(current)
+
     async def heal(self, after: float) -> list[TP]:
         """Re-read partitions held for ``after`` seconds or more from their base offset."""
         now = monotonic()
         # partitions handed records with no committed offset: know where their logs begin
         await self._learn_log_starts(list(self.handed))
         self.stranded(now)
+        waiting = self.__dict__.setdefault("_unsought_since", {})
+        for tp in self.unsought(now):
+            if now - waiting[tp] >= after:
+                self.held.setdefault(tp, waiting.pop(tp))
         due = [tp for tp, since in self.held.items() if now - since >= after]
         # a log's start moves with retention: the re-read starts from where it is now
         await self._learn_log_starts(due, again=True)
@@ -433,6 +694,8 @@ class StrictConsumer(driver.Consumer):
                     base,
                 )
                 await self.seek(tp, base)
+                if not self.guard.reading(tp):  # its rebalance's seek never happened
+                    self.guard.start(tp, base)
                 healed.append(tp)
         return healed
 

@@ -19,6 +19,11 @@ MESSAGES = Counter(
     "Messages by namespace, pipeline stage and outcome.",
     ["namespace", "stage", "outcome"],
 )
+COMMITS_REFUSED = Counter(
+    "wal_commits_refused",
+    "Commits the guard refused: the offset passed records not proven done (app.guard).",
+    ["topic"],
+)
 DEAD_LETTERS = Counter(
     "wal_dead_letters", "Dead letters by namespace and error code.", ["namespace", "code"]
 )

@@ -182,6 +182,15 @@ class Fleet:
             w.stop()
 
 
+async def list_topics() -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        return list(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
 async def delete_topics(prefix: str) -> None:
     """Delete every topic whose name starts with ``prefix`` (a fleet's own)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
@@ -306,7 +315,14 @@ def insert_only(table: str, name: str = "orders") -> dict[str, Any]:
             {
                 "identifier": "pg",
                 "type": "sql",
-                "config": {"mode": "rows", "table": table, "operation": "insert"},
+                # a ledger of its own: message ids derived from (time, partition, offset)
+                # repeat across fleets, and tests run side by side must not share claims
+                "config": {
+                    "mode": "rows",
+                    "table": table,
+                    "operation": "insert",
+                    "ledgerTable": f"{table}_ledger",
+                },
             }
         ],
     }

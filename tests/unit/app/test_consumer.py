@@ -37,6 +37,7 @@ def consumer(acked: list[int], committed: int | None) -> StrictConsumer:
     c._paused_partitions = set()
     c.app = SimpleNamespace(topics=Topics())  # type: ignore[assignment]
     c.assignment = lambda: {TP0}  # type: ignore[method-assign]
+    c._init_reading()
     return c
 
 
@@ -281,3 +282,161 @@ async def test_a_seek_runs_in_the_consumer_thread() -> None:
     await c.seek(TP0, 7)
     assert [name for name, _ in calls] == ["call_thread", "seek"]
     assert calls[1][1] == (TP0, 7) and c._read_offset[TP0] == 7
+
+
+# -- the hand-over: a seek while a fetch is on its way (issue 15) ----------------------------
+
+
+@dataclass(eq=False)
+class Message:
+    tp: TP
+    offset: int
+    generation_id: int
+    acked: bool = False
+
+
+@dataclass(frozen=True)
+class Rec:
+    offset: int
+
+
+def recs(first: int, last: int) -> list[Rec]:
+    return [Rec(o) for o in range(first, last + 1)]
+
+
+def reading(committed: int, handed_to: int | None = None) -> StrictConsumer:
+    """A consumer reading TP0 from ``committed`` (sought there), with records up to
+    ``handed_to`` handed over, generation 1."""
+    c = consumer([], committed=committed)
+    c.app.consumer_generation_id = 1  # type: ignore[attr-defined]
+    c._sought({TP0: committed})
+    c.guard.start(TP0, committed)
+    if handed_to is not None:
+        assert c._admit(TP0, recs(committed, handed_to), 1, c._seeks)
+    return c
+
+
+def test_records_fetched_before_a_seek_are_not_handed_over_and_prove_no_gap() -> None:
+    # The lost writes of issue 15: 11..20 were acked but 10 was not (held); heal seeks back
+    # to 10 while a fetch of 21..30 from the old position is on its way to the main thread.
+    # Faust's read offset said 10 when they came, and 11..20 was taken for a gap (markers)
+    # that counts as acked: the commit passed 10 - and whatever else was never done there.
+    c = reading(committed=10, handed_to=20)
+    for offset in range(11, 21):
+        c._acked[TP0].append(offset)
+    fetched_at = c._seeks  # the fetch of 21..30 begins
+    c._seeking([TP0])  # heal's seek to the committed offset
+    c._sought({TP0: 10})
+    assert c._admit(TP0, recs(21, 30), 1, fetched_at) == ()
+    assert not c._gap[TP0] and c._reseek == {TP0}  # sought back again before the next fetch
+    assert c._new_offset(TP0) is None  # 10 is still not done
+    c._reseek.clear()
+    assert [r.offset for r in c._admit(TP0, recs(10, 12), 1, c._seeks)] == [10, 11, 12]
+
+
+def test_a_fetch_begun_after_the_seek_is_handed_over_from_the_seek_position() -> None:
+    c = reading(committed=10, handed_to=20)
+    c._seeking([TP0])
+    c._sought({TP0: 10})
+    fetched_at = c._seeks
+    assert [r.offset for r in c._admit(TP0, recs(10, 12), 1, fetched_at)] == [10, 11, 12]
+    assert c._next[TP0] == 13 and not c._gap[TP0]
+
+
+def test_offsets_a_fetch_skips_are_absent_and_count_as_done() -> None:
+    c = reading(committed=10)
+    fetched = [Rec(10), Rec(11), Rec(14), Rec(15)]  # 12, 13: transaction markers
+    assert c._admit(TP0, fetched, 1, c._seeks) == fetched
+    c._acked[TP0].extend([10, 11, 14, 15])
+    assert c._new_offset(TP0) == 16
+    assert c.guard.frontier(TP0) == 10  # the markers are covered; 10, 11 are not acked yet
+    c.guard.cover_offsets(TP0, [10, 11, 14, 15])
+    assert c.guard.frontier(TP0) == 16
+
+
+def test_a_fetch_that_starts_past_the_next_expected_proves_the_offsets_between() -> None:
+    c = reading(committed=10, handed_to=11)
+    assert [r.offset for r in c._admit(TP0, recs(14, 15), 1, c._seeks)] == [14, 15]
+    assert [(i.begin, i.end) for i in c._gap[TP0]] == [(12, 14)]
+
+
+def test_records_of_another_generation_or_before_the_partition_is_sought_wait() -> None:
+    c = reading(committed=10)
+    fetched_at = c._seeks
+    c.app.consumer_generation_id = 2  # type: ignore[attr-defined]
+    assert c._admit(TP0, recs(10, 12), 1, fetched_at) == ()
+    assert c._reseek == {TP0}  # read again from where it stood, if it is still assigned
+    c._reseek.clear()
+    c._next.clear()  # assigned, its seek not done yet (or under way)
+    assert c._admit(TP0, recs(10, 12), 2, c._seeks) == ()
+    assert c._reseek == {TP0}  # sought back once the next record expected is known
+
+
+async def test_dropped_records_are_read_again_once_their_partition_s_position_is_known() -> None:
+    c = reading(committed=10, handed_to=14)
+    sought: list[dict[TP, int]] = []
+
+    async def in_consumer_thread(fn: object, offsets: dict[TP, int]) -> None:
+        sought.append(dict(offsets))
+
+    c._in_consumer_thread = in_consumer_thread  # type: ignore[method-assign]
+    c._next.clear()  # a seek under way
+    c._dropped([TP0])
+    await c._seek_dropped()
+    assert sought == [] and c._reseek == {TP0}
+    c._sought({TP0: 15})
+    await c._seek_dropped()
+    assert sought == [{TP0: 15}] and c._reseek == set() and c._read_offset[TP0] == 15
+    fetched_at = c._seeks
+    assert [r.offset for r in c._admit(TP0, recs(15, 16), 1, fetched_at)] == [15, 16]
+
+
+async def test_a_commit_the_guard_cannot_prove_is_refused_and_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from faust.transport.drivers import aiokafka as driver
+
+    from app import metrics
+
+    sent: list[dict[TP, int]] = []
+
+    async def faust_commit_offsets(self: StrictConsumer, offsets: dict[TP, int]) -> bool:
+        sent.append(dict(offsets))
+        return True
+
+    monkeypatch.setattr(driver.Consumer, "_commit_offsets", faust_commit_offsets)
+    tp1 = TP("wal-ingest", 1)
+    c = reading(committed=10)
+    c.app.consumer_generation_id = 1  # type: ignore[attr-defined]
+    c.guard.cover(TP0, 10, 15)
+    c.guard.start(tp1, 0)
+    before = metrics.COMMITS_REFUSED.labels("wal-ingest")._value.get()
+    assert await c._commit_offsets({TP0: 15, tp1: 3}) is True
+    assert sent == [{TP0: 15}]
+    assert metrics.COMMITS_REFUSED.labels("wal-ingest")._value.get() == before + 1
+    assert tp1 in c.held  # read again from its committed offset by heal
+
+
+def test_an_ack_from_before_the_partitions_reading_began_is_not_counted() -> None:
+    c = reading(committed=10)
+    c._waiting_for_ack = None
+    old = Message(tp=TP0, offset=10, generation_id=0)
+    assert c.ack(old) is False
+    assert old.acked and c._acked[TP0] == [] and c.guard.frontier(TP0) == 10
+
+
+async def test_a_partition_whose_rebalance_seek_never_happened_is_sought_by_heal() -> None:
+    c = consumer([], committed=10)
+    c.flow_active = True
+    c.log = __import__("logging").getLogger("test")
+    sought: list[tuple[TP, int]] = []
+
+    async def seek(tp: TP, offset: int) -> None:
+        sought.append((tp, offset))
+        c._sought({tp: offset})
+
+    c.seek = seek  # type: ignore[method-assign,assignment]
+    assert await c.heal(after=10) == []  # seen unsought: waits
+    c.__dict__["_unsought_since"][TP0] -= 11
+    assert await c.heal(after=10) == [TP0]
+    assert sought == [(TP0, 10)] and c.guard.frontier(TP0) == 10 and c._next[TP0] == 10

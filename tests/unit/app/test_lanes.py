@@ -128,6 +128,8 @@ def strict(generation: int = 1, committed: int | None = 0) -> StrictConsumer:
     c._waiting_for_ack = None
     topics: Any = SimpleNamespace(acks_enabled_for=lambda topic: True)
     c.app = SimpleNamespace(topics=topics, consumer_generation_id=generation)  # type: ignore[assignment]
+    c._init_reading()
+    c.guard.start(TP0, committed or 0)
     return c
 
 
