@@ -29,7 +29,7 @@ from app import metrics, topics
 from app.errors import Rejected
 from app.fleet import fleet, settings
 from app.lanes import Batch, each_batch
-from app.models import Mutation, Namespace, ShardStrategy, WriteRequest
+from app.models import MAX_REQUEST_BYTES, Mutation, Namespace, ShardStrategy, WriteRequest
 from app.topics import Record, ingest_topic
 from tables import stats
 from tables.namespaces import lookup
@@ -41,7 +41,7 @@ STATUS = Collector()
 _accepted: Counter[str] = Counter()
 
 #: Nothing larger is even parsed: the largest maxMessageSize a namespace may set.
-HARD_SIZE_LIMIT = 16 * 1024 * 1024
+HARD_SIZE_LIMIT = MAX_REQUEST_BYTES
 
 
 @dataclass(slots=True)  # not frozen: one per message, and frozen init costs 5x

@@ -34,6 +34,8 @@ CODES: dict[str, str] = {
     "FORBIDDEN": "The API key or the client address is not allowed for this namespace.",
     "RATE_LIMIT_EXCEEDED": "The namespace's rate limit is exhausted; retry after Retry-After.",
     "PAYLOAD_TOO_LARGE": "The HTTP body is larger than the largest request any namespace takes.",
+    "RECORD_REJECTED": "Kafka refused a record the fleet produced for good (invalid, not "
+    "authorized, no such topic): it went to the dead-letter topic instead.",
     "PRODUCER_UNAVAILABLE": "Kafka did not acknowledge the write in time; nothing was accepted.",
     "NOT_FOUND": "No such resource (message, transaction or path).",
     "INTERNAL_ERROR": "An unexpected error; the request id in the body finds it in the logs.",

@@ -17,6 +17,7 @@ from aiokafka.helpers import create_ssl_context
 from faust.sensors.prometheus import setup_prometheus_sensors
 
 from app import consumer
+from app.models import MAX_REQUEST_BYTES, TOPIC_MAX_MESSAGE_BYTES
 from app.partitioner import partitioner
 from app.sensors import LeanMonitor
 from app.settings import Settings
@@ -63,7 +64,7 @@ def create_app(s: Settings) -> faust.App:
         producer_acks=-1,
         producer_linger_ms=s.producer_linger_ms,
         producer_partitioner=partitioner,
-        producer_max_request_size=16 * 1024 * 1024,
+        producer_max_request_size=TOPIC_MAX_MESSAGE_BYTES,
         broker_commit_interval=s.commit_interval_s,
         broker_commit_every=10_000,
         broker_session_timeout=s.session_timeout_s,
@@ -75,7 +76,7 @@ def create_app(s: Settings) -> faust.App:
         web_in_thread=False,
         **_optional(canonical_url=s.canonical_url),
         # Bodies up to the largest maxMessageSize a namespace may set (16 MiB).
-        web_application_options={"client_max_size": 16 * 1024 * 1024 + 65_536},
+        web_application_options={"client_max_size": MAX_REQUEST_BYTES + 65_536},
         table_standby_replicas=s.standby_replicas,
         key_serializer="raw",
         value_serializer="raw",

@@ -30,6 +30,12 @@ from pydantic.alias_generators import to_camel
 #: Largest total delay a request may ask for (7 days, the longest TTL).
 MAX_DELAY_SECONDS = 7 * 24 * 3600
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+#: The largest request the fleet takes: the most a namespace's maxMessageSize may allow.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+#: What a topic of the fleet holds per record (``max.message.bytes``, and the producers'
+#: ``max_request_size``): the largest request with room for its headers and the batch's
+#: framing. Kafka's default (~1 MiB) refused larger requests for good (issue 16).
+TOPIC_MAX_MESSAGE_BYTES = MAX_REQUEST_BYTES + 512 * 1024
 DEFAULT_TTL_SECONDS = 86_400
 
 _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}$"
@@ -350,7 +356,7 @@ class Namespace(Wire):
     shard_config: ShardConfig = ShardConfig()
     targets: list[TargetDef] = Field(default=[], max_length=32)
     access_control: AccessControl = AccessControl()
-    max_message_size: int = Field(default=DEFAULT_MAX_MESSAGE_SIZE, ge=256, le=16 * 1024 * 1024)
+    max_message_size: int = Field(default=DEFAULT_MAX_MESSAGE_SIZE, ge=256, le=MAX_REQUEST_BYTES)
     message_ttl_seconds: int = Field(default=DEFAULT_TTL_SECONDS, ge=60, le=604_800)
     ordering: Literal["none", "key"] = "none"
     transaction_timeout_seconds: int = Field(default=300, ge=1, le=86_400)

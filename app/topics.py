@@ -11,16 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidTopicError,
+    MessageSizeTooLargeError,
+    PolicyViolationError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+)
 from aiokafka.structs import RecordMetadata
 
 from app.fleet import fleet, settings
+from app.models import TOPIC_MAX_MESSAGE_BYTES
 from app.settings import Settings
+
+log = logging.getLogger("wal.topics")
 
 # -- headers -------------------------------------------------------------------------
 MESSAGE_ID = "wal-message-id"
@@ -183,12 +198,31 @@ async def _chooser(producer: Any, topic: str) -> Callable[[bytes | None], int]:
     return lambda key: choose(key, every, available)
 
 
+#: Produce errors about the record itself, not the transport: it can never be produced as
+#: it is, and retrying it would stop its stream for good (issue 16).
+SIZE_ERRORS: tuple[type[Exception], ...] = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+)
+RECORD_ERRORS: tuple[type[Exception], ...] = (
+    *SIZE_ERRORS,
+    CorruptRecordException,
+    InvalidTopicError,
+    PolicyViolationError,
+    TopicAuthorizationFailedError,
+)
+
+
 async def emit_until_durable(records: Sequence[Record], *, what: str) -> None:
     """:func:`emit`, retried with backoff until Kafka takes the records.
 
     A stream must not move past a message whose consequence is not durable,
     and must not die either (faust #175): so it waits here, logging, while the
-    broker is away, and its source offsets stay uncommitted.
+    broker is away, and its source offsets stay uncommitted. A record Kafka
+    refuses for good (:data:`RECORD_ERRORS`: too large, invalid, not allowed)
+    is not retried: it goes to the dead-letter topic with the reason
+    (:func:`undeliverable`), and the others go on.
     """
     delay = 0.2
     while True:
@@ -197,10 +231,50 @@ async def emit_until_durable(records: Sequence[Record], *, what: str) -> None:
             return
         except asyncio.CancelledError:
             raise
+        except RECORD_ERRORS as exc:  # which record? one by one, the refused ones dead-lettered
+            log.warning("producing %s: Kafka refused a record (%r); one by one", what, exc)
+            await _one_by_one(records)
+            return
         except Exception as exc:  # a broker outage: wait and try again
             fleet.log.warning("producing %s failed (%s); retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+async def _one_by_one(records: Sequence[Record]) -> None:
+    """Emit each record alone; one Kafka refuses goes to the DLQ instead. A transport error
+    propagates (the caller retries all: records emitted already are emitted again, which
+    at-least-once allows)."""
+    for record in records:
+        try:
+            await emit([record])
+            continue
+        except RECORD_ERRORS as exc:
+            refused = exc
+        try:
+            await emit([undeliverable(record, refused)])
+        except RECORD_ERRORS as exc:  # even the dead letter does not fit: its coordinates do
+            await emit([undeliverable(record, exc, keep_value=False)])
+
+
+def undeliverable(record: Record, exc: Exception, *, keep_value: bool = True) -> Record:
+    """The dead letter for a record Kafka refused: its key and bytes (or, when they cannot
+    be kept, none, with their size in the message), the reason and where it was going."""
+    size = len(record.value or b"")
+    code = "MESSAGE_SIZE_LIMIT_EXCEEDED" if isinstance(exc, SIZE_ERRORS) else "RECORD_REJECTED"
+    message = f"Kafka refused the record for {record.topic} ({size} bytes): {type(exc).__name__}"
+    if not keep_value:
+        message += "; its bytes could not be kept either"
+    now = str(int(time.time() * 1000))
+    headers = {
+        **record.headers,
+        ERROR_CODE: code,
+        ERROR_MESSAGE: message[:1000],
+        FIRST_FAILED_AT: record.headers.get(FIRST_FAILED_AT) or now,
+        LAST_FAILED_AT: now,
+    }
+    log.error("dead-lettered a record for %s: %s", record.topic, message)
+    return Record(NAMES["dlq"], record.key, record.value if keep_value else None, headers)
 
 
 async def ensure_topics(s: Settings, *, timeout: float = 30.0) -> list[str]:
@@ -217,7 +291,10 @@ async def ensure_topics(s: Settings, *, timeout: float = 30.0) -> list[str]:
         for role, name in topic_names(s).items():
             if name in existing:
                 continue
-            configs = {"min.insync.replicas": str(min(2, s.replication_factor))}
+            configs = {
+                "min.insync.replicas": str(min(2, s.replication_factor)),
+                "max.message.bytes": str(TOPIC_MAX_MESSAGE_BYTES),
+            }
             if role == "namespaces":
                 configs["cleanup.policy"] = "compact"
             if role == "status":  # history for GET /wal/messages/{id}, then gone
@@ -235,9 +312,37 @@ async def ensure_topics(s: Settings, *, timeout: float = 30.0) -> list[str]:
         if wanted:
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker won the race
                 await admin.create_topics(wanted, timeout_ms=int(timeout * 1000))
+        ours = sorted(set(topic_names(s).values()) & existing)
+        for name, limit in (await record_limits(admin, ours)).items():
+            if limit < TOPIC_MAX_MESSAGE_BYTES:
+                log.warning(
+                    "topic %s holds records up to %d bytes (max.message.bytes): larger "
+                    "requests are dead-lettered; raise it to %d (kafka-configs.sh --alter "
+                    "--entity-type topics --entity-name %s --add-config max.message.bytes=%d)",
+                    name,
+                    limit,
+                    TOPIC_MAX_MESSAGE_BYTES,
+                    name,
+                    TOPIC_MAX_MESSAGE_BYTES,
+                )
         return [t.name for t in wanted]
     finally:
         await admin.close()
+
+
+async def record_limits(admin: AIOKafkaAdminClient, names: Sequence[str]) -> dict[str, int]:
+    """Each topic's ``max.message.bytes`` (what the broker says it is, default or not)."""
+    if not names:
+        return {}
+    wanted = {"max.message.bytes": None}
+    resources = [ConfigResource(ConfigResourceType.TOPIC, n, wanted) for n in names]
+    limits = {}
+    for response in await admin.describe_configs(resources):
+        for _error, _message, _type, name, entries, *_ in response.resources:
+            for entry in entries:
+                if entry[0] == "max.message.bytes" and entry[1] is not None:
+                    limits[name] = int(entry[1])
+    return limits
 
 
 def admin_security(s: Settings) -> dict[str, Any]:

@@ -141,6 +141,22 @@ class Write(WalView):
             meta = await asyncio.wait_for(
                 topics.emit_one(record), timeout=settings.http_produce_timeout_s
             )
+        except topics.RECORD_ERRORS as exc:  # refused for good: a retry cannot succeed
+            too_large = isinstance(exc, topics.SIZE_ERRORS)
+            fleet.log.warning(
+                "POST /wal/write %s: Kafka refused the record: %r",
+                rid,
+                exc,
+                extra={"request_id": rid},
+            )
+            return self.fail(
+                request,
+                rid,
+                413 if too_large else 500,
+                "MESSAGE_SIZE_LIMIT_EXCEEDED" if too_large else "RECORD_REJECTED",
+                f"Kafka refused the write for good ({type(exc).__name__}); do not retry it as is",
+                {"actualSize": len(raw)} if too_large else None,
+            )
         except Exception as exc:  # Kafka did not acknowledge: nothing was accepted
             fleet.log.warning(
                 "POST /wal/write %s: produce failed: %r", rid, exc, extra={"request_id": rid}
