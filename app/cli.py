@@ -31,11 +31,10 @@ def main() -> None:
 @click.option("--loglevel", "-l", default=None, help="Log level (default: WAL_LOG_LEVEL).")
 def worker(loglevel: str | None) -> None:
     """Run a worker of the fleet (a Faust worker) in the foreground."""
-    import faust
-
     from app.fleet import discover, fleet, settings
     from app.logs import logging_config
     from app.topics import ensure_topics
+    from app.worker import FleetWorker
 
     level = loglevel or settings.log_level
     config = logging_config(settings.log_format, level)
@@ -48,8 +47,9 @@ def worker(loglevel: str | None) -> None:
     if created:
         logging.getLogger("wal.worker").info("created topics: %s", ", ".join(created))
     discover()
-    runner = faust.Worker(
+    runner = FleetWorker(
         fleet,
+        shutdown_timeout_s=settings.shutdown_timeout_s,
         loglevel=level,
         logging_config=config,
         quiet=settings.log_format == "json",  # no banner among the JSON lines

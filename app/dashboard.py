@@ -13,7 +13,8 @@ The data::
                      "dlq": {"topic", "depth"}, "error"?}],
      "backlog": {"total": n, "byTopic": {topic: n}} | None,
      "circuits": [{"worker", "key", "state", "consecutive_failures"}],
-     "workers": [{"url", "ready", "assigned": {topic: [p]}, "lag": {topic: {p: n}}, "error"?}]}
+     "workers": [{"url", "ready", "assigned": {topic: [p]}, "lag": {topic: {p: n}},
+                  "stalled"?: [{"topic", "partition", "seconds"}], "error"?}]}
 """
 
 from __future__ import annotations
@@ -168,6 +169,11 @@ def _workers(workers: Sequence[Mapping[str, Any]]) -> str:
                 if w.get("ready")
                 else ("<span class='warn'>not ready</span>")
             )
+            for stalled in w.get("stalled") or ():  # records waiting, the commit not moving
+                where = f"{stalled['topic']}/{stalled['partition']}"
+                ready += (
+                    f"<br><span class='bad'>stalled {_e(where)}: {stalled['seconds']:.0f} s</span>"
+                )
         lag = w.get("lag") or {}
         total = sum(n for parts in lag.values() for n in parts.values())
         cells = [_e(w.get("url")), ready, _partitions(w.get("assigned") or {}), _lag(lag, total)]

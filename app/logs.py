@@ -56,6 +56,35 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line).decode()
 
 
+class Repeats(logging.Filter):
+    """A client library's repeated warnings and errors, one line per ``every_s``.
+
+    During a 17 s broker outage each worker wrote ~1 850 aiokafka error lines, one per
+    connection attempt (issue 16). A warning or error of a logger under ``prefixes``
+    passes once per ``every_s`` for each message (its template); the next one to pass
+    says how many were held back meanwhile.
+    """
+
+    def __init__(self, prefixes: tuple[str, ...] = ("aiokafka",), every_s: float = 60.0):
+        super().__init__()
+        self.prefixes = prefixes
+        self.every_s = every_s
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not record.name.startswith(self.prefixes):
+            return True
+        key = (record.name, str(record.msg))
+        passed, held = self._seen.get(key, (float("-inf"), 0))
+        if record.created - passed < self.every_s:
+            self._seen[key] = (passed, held + 1)
+            return False
+        if held:
+            record.msg = f"{record.msg} (and {held} more like it in the last {self.every_s:.0f} s)"
+        self._seen[key] = (record.created, 0)
+        return True
+
+
 def logging_config(log_format: str, level: str) -> dict[str, Any] | None:
     """A ``logging.config.dictConfig`` for the worker, or None for mode's own (text) setup."""
     if log_format != "json":
@@ -65,11 +94,13 @@ def logging_config(log_format: str, level: str) -> dict[str, Any] | None:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
+        "filters": {"repeats": {"()": f"{__name__}.Repeats"}},
         "handlers": {
             "default": {
                 "class": "logging.StreamHandler",
                 "stream": "ext://sys.stdout",
                 "formatter": "json",
+                "filters": ["repeats"],
                 "level": level_name,
             }
         },

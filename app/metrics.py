@@ -19,6 +19,11 @@ MESSAGES = Counter(
     "Messages by namespace, pipeline stage and outcome.",
     ["namespace", "stage", "outcome"],
 )
+PARTITION_STALLED = Gauge(
+    "wal_partition_stalled_seconds",
+    "How long a partition's commit has not moved while records wait (only past the limit).",
+    ["topic", "partition"],
+)
 COMMITS_REFUSED = Counter(
     "wal_commits_refused",
     "Commits the guard refused: the offset passed records not proven done (app.guard).",

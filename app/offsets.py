@@ -114,12 +114,14 @@ def _sorted(by_topic: Mapping[str, Any]) -> dict[str, list[int]]:
 
 @fleet.timer(LAG_INTERVAL_S)
 async def refresh_lag() -> None:
-    """Keep ``wal_consumer_lag`` and commit progress current; never raises."""
+    """Keep ``wal_consumer_lag``, commit progress and stalls current; never raises. What
+    needs no broker comes first: with the broker away, learning log starts waits."""
     try:
-        await _learn_log_starts()
         lag = consumer_lag()
         _publish_lag(lag)
         progress.observe(_committed(), _pending_acks(), time.monotonic())
+        observe_stalls(lag, time.monotonic())
+        await _learn_log_starts()
     except Exception:
         fleet.log.exception("refreshing consumer lag failed")
 
@@ -186,6 +188,103 @@ def commits_advancing() -> bool:
     now = time.monotonic()
     progress.observe(_committed(), _pending_acks(), now)
     return not progress.stalled(now)
+
+
+# -- stalled partitions (readiness, metric, log) ----------------------------------------------
+
+
+class Stalls:
+    """Partitions whose committed offset has not moved for ``limit_s`` while records wait.
+
+    A record that can never be made durable and is retried, a target that hangs, a
+    broker away: nothing is acked, so nothing looks pending and the worker looked idle
+    (issue 16). Here a partition with records waiting (high watermark past its
+    committed offset) whose commit does not move is *stalled* once ``limit_s`` has
+    passed: the worker is not ready, and says which partition and for how long.
+    Paused partitions (delay tiers waiting for their records' time) do not count.
+    """
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self._since: dict[tuple[str, int], tuple[int | None, float]] = {}
+        self._logged: dict[tuple[str, int], float] = {}
+
+    def observe(
+        self,
+        waiting: Mapping[tuple[str, int], int],
+        committed: Mapping[tuple[str, int], int | None],
+        now: float,
+    ) -> None:
+        """``waiting``: records behind per (topic, partition) of the partitions that count."""
+        for key in list(self._since):
+            if not waiting.get(key):
+                del self._since[key]
+        for key, behind in waiting.items():
+            if not behind:
+                continue
+            offset = committed.get(key)
+            seen = self._since.get(key)
+            if seen is None or seen[0] != offset:
+                self._since[key] = (offset, now)
+
+    def stalled(self, now: float) -> dict[tuple[str, int], float]:
+        """(topic, partition) → seconds its commit has not moved, for those past the limit."""
+        return {
+            key: now - since
+            for key, (_, since) in self._since.items()
+            if now - since > self.limit_s
+        }
+
+    def due_for_a_log_line(self, key: tuple[str, int], now: float) -> bool:
+        """One line a minute a partition, not one per check."""
+        if now - self._logged.get(key, float("-inf")) < 60.0:
+            return False
+        self._logged[key] = now
+        return True
+
+
+stalls = Stalls(limit_s=settings.stall_after_s)
+
+
+def observe_stalls(lag: Mapping[str, Mapping[int, int]], now: float) -> None:
+    consumer = _consumer()
+    paused = {(tp.topic, tp.partition) for tp in consumer._paused_partitions}
+    waiting = {
+        (topic, p): n
+        for topic, parts in lag.items()
+        for p, n in parts.items()
+        if (topic, p) not in paused
+    }
+    committed = {(tp.topic, tp.partition): o for tp, o in _committed().items()}
+    stalls.observe(waiting, committed, now)
+    current = stalls.stalled(now)
+    for (topic, partition), seconds in current.items():
+        metrics.PARTITION_STALLED.labels(topic, str(partition)).set(seconds)
+        if stalls.due_for_a_log_line((topic, partition), now):
+            fleet.log.warning(
+                "%s/%s has not committed for %.0f s with %d records waiting",
+                topic,
+                partition,
+                seconds,
+                waiting.get((topic, partition), 0),
+            )
+    for labels in _stalled_published - {(t, str(p)) for t, p in current}:
+        with contextlib.suppress(KeyError):
+            metrics.PARTITION_STALLED.remove(*labels)
+    _stalled_published.clear()
+    _stalled_published.update((t, str(p)) for t, p in current)
+
+
+_stalled_published: set[tuple[str, str]] = set()
+
+
+def stalled_partitions() -> list[dict[str, Any]]:
+    """For /health/ready and the views: each stalled partition, for how long."""
+    now = time.monotonic()
+    return [
+        {"topic": topic, "partition": partition, "seconds": round(seconds, 1)}
+        for (topic, partition), seconds in sorted(stalls.stalled(now).items())
+    ]
 
 
 # -- what waits in Kafka ---------------------------------------------------------------------

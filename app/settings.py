@@ -98,6 +98,20 @@ class Settings(BaseSettings):
     group hands them to others (after a crash, processing of its partitions resumes
     this much later)."""
 
+    stall_after_s: float = Field(default=60.0, gt=0)
+    """WAL_STALL_AFTER_S: a partition whose commit has not moved for this long while records
+    wait is *stalled*: the worker answers 503 at /health/ready naming it, and
+    ``wal_partition_stalled_seconds`` and the log say so (once a minute)."""
+
+    sql_pool_size: int = Field(default=8, ge=1, le=200)
+    """WAL_SQL_POOL_SIZE: connections a worker holds at most to one SQL database, shared by
+    every namespace's targets on it (a batch that finds them all busy waits for one)."""
+
+    shutdown_timeout_s: float = Field(default=25.0, gt=0, le=3600)
+    """WAL_SHUTDOWN_TIMEOUT_S: the most a SIGTERM'd worker takes to exit; past it (the broker
+    or a target away) it abandons what is in flight - not acked, read again elsewhere - and
+    exits 3. Keep it below Kubernetes' grace period (30 s by default)."""
+
     producer_linger_ms: int = Field(default=5, ge=0)
     """WAL_PRODUCER_LINGER_MS: producer linger; batches records sent together."""
 

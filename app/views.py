@@ -265,11 +265,10 @@ class Ready(View):
     async def get(self, request: Request) -> Response:
         checks = _readiness()
         status = "ready" if checks["ready"] else "starting"
-        if not checks["commitsAdvancing"]:
+        if not (checks["commitsAdvancing"] and checks["partitionsMoving"]):
             status = "stalled"
-        return self.json(
-            {"status": status, "checks": checks}, status=200 if checks["ready"] else 503
-        )
+        body = {"status": status, "checks": checks, "stalled": offsets.stalled_partitions()}
+        return self.json(body, status=200 if checks["ready"] else 503)
 
 
 def _readiness() -> dict[str, bool]:
@@ -280,6 +279,7 @@ def _readiness() -> dict[str, bool]:
         "assigned": bool(consumer.assignment()) and fleet.rebalancing is False,
         "recovered": not recovery.in_recovery,
         "commitsAdvancing": offsets.commits_advancing(),
+        "partitionsMoving": not offsets.stalled_partitions(),
     }
     return {**checks, "ready": all(checks.values())}
 
@@ -389,6 +389,7 @@ def worker_view() -> dict[str, Any]:
         "assigned": offsets.assignment(),
         "tables": offsets.table_partitions(),
         "lag": _json_lag(offsets.consumer_lag()),
+        "stalled": offsets.stalled_partitions(),
         "circuits": {key: breaker.snapshot() for key, breaker in sorted(BREAKERS.items())},
         "members": offsets.members(),
     }

@@ -71,10 +71,62 @@ class _Plan(NamedTuple):
     row: dict[str, Any]
 
 
+class _Engines:
+    """One engine (connection pool) per database URL, shared by every SQL target on it.
+
+    A pool per namespace opened 14 connections for ~20 namespaces on one database
+    (issue 16); now a worker holds at most ``WAL_SQL_POOL_SIZE`` per database, and a
+    batch that finds them all busy waits for one. The last target to close disposes it.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[AsyncEngine, int]] = {}
+
+    def acquire(self, url: str, pool_size: int, application_name: str) -> AsyncEngine:
+        engine, users = self._open.get(url, (None, 0))
+        if engine is None:
+            engine = _engine(url, pool_size, application_name)
+        self._open[url] = (engine, users + 1)
+        return engine
+
+    async def release(self, url: str) -> None:
+        engine, users = self._open.get(url, (None, 0))
+        if engine is None:
+            return
+        if users > 1:
+            self._open[url] = (engine, users - 1)
+            return
+        del self._open[url]
+        with contextlib.suppress(Exception):  # close never raises
+            await engine.dispose()
+
+
+def _engine(url: str, pool_size: int, application_name: str) -> AsyncEngine:
+    parsed = sa.engine.make_url(url)
+    connect_args = (
+        {"application_name": application_name} if parsed.get_backend_name() == "postgresql" else {}
+    )
+    engine = create_async_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=0,
+        json_serializer=_json_text,
+        connect_args=connect_args,
+    )
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+ENGINES = _Engines()
+
+
 class SqlTarget(Target):
     kind = "sql"
 
     _engine: AsyncEngine | None = None
+    _url: str = ""
 
     async def open(self) -> None:
         url = self.config.get("url") or self.settings.sql_url
@@ -83,14 +135,13 @@ class SqlTarget(Target):
             raise ConfigError(f"sql target {self.name}: mode must be 'journal' or 'rows'")
         try:
             self._password = sa.engine.make_url(url).password
-            self._engine = create_async_engine(
-                url, pool_pre_ping=True, pool_size=4, json_serializer=_json_text
+            self._engine = ENGINES.acquire(
+                url, self.settings.sql_pool_size, f"wal-{self.settings.app_id}"
             )
         except (sa_exc.ArgumentError, ImportError, ValueError) as exc:
             kind = type(exc).__name__
             raise ConfigError(f"sql target {self.name}: unusable url ({kind})") from None
-        if self._engine.dialect.name == "sqlite":
-            sa.event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
+        self._url = url
         self._metadata = sa.MetaData()
         if self.mode == "journal":
             self._table = _journal_table(self._metadata, self.config.get("table", "wal_messages"))
@@ -109,8 +160,8 @@ class SqlTarget(Target):
 
     async def close(self) -> None:
         if self._engine is not None:
-            with contextlib.suppress(Exception):  # close never raises
-                await self._engine.dispose()
+            self._engine = None
+            await ENGINES.release(self._url)
 
     @property
     def engine(self) -> AsyncEngine:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Fleet, delete_topics
+from app import stack
+from app.settings import Settings
+from tests.integration.harness import Fleet, delete_topics, free_port
 
 SERVICES = {"kafka": 9092, "postgres": 5432, "redis": 6379}
 
@@ -44,6 +48,21 @@ def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
         asyncio.run(delete_topics(f"{f.prefix}-"))
     except Exception as exc:  # the broker is the test's subject, not this cleanup's
         print(f"could not delete the topics of {f.prefix}: {exc!r}")
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[Settings]:
+    """A Kafka broker of this test's own, which it may freeze without harming the others."""
+    port = free_port()
+    settings = Settings(stack_dir=tmp_path / "stack", broker=f"kafka://127.0.0.1:{port}")
+    stack.up(settings)
+    try:
+        yield settings
+    finally:
+        for s in stack.status(settings):
+            if s.name == "kafka" and isinstance(s.pid, int):
+                os.kill(s.pid, signal.SIGCONT)
+        stack.down(settings)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +12,7 @@ import pytest
 from app import stack
 from app.access import hash_key
 from app.settings import Settings
-from tests.integration.harness import Fleet, Worker, eventually, free_port, pg_query
+from tests.integration.harness import Fleet, Worker, eventually, pg_query
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -139,21 +137,6 @@ async def test_openapi_describes_the_write_endpoint(worker: Worker) -> None:
     op = doc["paths"]["/wal/write"]["post"]
     assert {"202", "400", "401", "403", "404", "413", "429", "503"} <= set(op["responses"])
     assert "namespace" in doc["components"]["schemas"]["WriteRequest"]["properties"]
-
-
-@pytest.fixture
-def private_broker(tmp_path: Path) -> Iterator[Settings]:
-    """A Kafka broker of this test's own, which it may freeze without harming the others."""
-    port = free_port()
-    settings = Settings(stack_dir=tmp_path / "stack", broker=f"kafka://127.0.0.1:{port}")
-    stack.up(settings)
-    try:
-        yield settings
-    finally:
-        for s in stack.status(settings):
-            if s.name == "kafka" and isinstance(s.pid, int):
-                os.kill(s.pid, signal.SIGCONT)
-        stack.down(settings)
 
 
 async def test_503_when_kafka_does_not_acknowledge(fleet: Fleet, private_broker: Settings) -> None:

@@ -134,8 +134,10 @@ async def test_fleet_view_lists_both_workers_and_every_partition_once(
         "assigned": True,
         "recovered": True,
         "commitsAdvancing": True,
+        "partitionsMoving": True,
         "ready": True,
     }
+    assert ready["stalled"] == [] and local["stalled"] == []
 
 
 async def test_status_shows_delay_backlog_dlq_depth_and_lag(fleet: Fleet, settled: Settled) -> None:

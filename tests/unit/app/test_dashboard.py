@@ -134,3 +134,14 @@ def test_empty_fleet_and_unknown_numbers_render() -> None:
     text = read(render(fleet_data(namespaces=[ns]))).text
     dash = "\N{EN DASH}"
     assert f"fresh 0 0 0 0 0 0.0 · 0.0 · 0.0 {dash} · {dash} {dash} wal-dlq" in text
+
+
+def test_a_stalled_partition_is_named_beside_its_worker() -> None:
+    data = fleet_data()
+    data["workers"][0] = {
+        **data["workers"][0],
+        "ready": False,
+        "stalled": [{"topic": "wal-ingest", "partition": 3, "seconds": 75.4}],
+    }
+    text = read(render(data)).text
+    assert "not ready" in text and "stalled wal-ingest/3: 75 s" in text

@@ -52,3 +52,22 @@ def test_text_format_leaves_logging_to_the_worker() -> None:
     assert config is not None
     assert config["root"]["level"] == "WARNING"
     assert config["formatters"]["json"]["()"] == "app.logs.JsonFormatter"
+
+
+def test_a_client_library_s_repeated_errors_pass_once_a_minute_with_a_count() -> None:
+    from app.logs import Repeats
+
+    repeats = Repeats(every_s=60.0)
+
+    def record(
+        at: float, name: str = "aiokafka.conn", level: int = logging.ERROR
+    ) -> logging.LogRecord:
+        r = logging.LogRecord(name, level, __file__, 1, "No route to %s", ("b:9092",), None)
+        r.created = at
+        return r
+
+    passed = [r for r in (record(float(t)) for t in range(0, 130)) if repeats.filter(r)]
+    assert [r.created for r in passed] == [0.0, 60.0, 120.0]
+    assert passed[1].getMessage() == "No route to b:9092 (and 59 more like it in the last 60 s)"
+    assert repeats.filter(record(1.0, name="wal.consumer"))  # ours: every line
+    assert repeats.filter(record(1.0, level=logging.INFO))  # below warning: every line

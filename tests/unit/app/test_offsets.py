@@ -28,3 +28,19 @@ def test_commits_that_keep_moving_are_fine_even_when_always_pending() -> None:
     for t in range(0, 300, 5):
         progress.observe({"tp0": t}, pending=True, now=float(t))
         assert not progress.stalled(float(t))
+
+
+def test_a_partition_whose_commit_does_not_move_while_records_wait_is_stalled() -> None:
+    from app.offsets import Stalls
+
+    stalls = Stalls(limit_s=60)
+    tp, other = ("wal-ingest", 0), ("wal-ingest", 1)
+    stalls.observe({tp: 5, other: 5}, {tp: 100, other: 7}, now=0)
+    stalls.observe({tp: 9, other: 4}, {tp: 100, other: 8}, now=50)  # other moved on
+    assert stalls.stalled(now=55) == {}
+    stalls.observe({tp: 12, other: 4}, {tp: 100, other: 9}, now=61)
+    assert stalls.stalled(now=61) == {tp: 61}
+    stalls.observe({tp: 0, other: 4}, {tp: 100, other: 9}, now=62)  # caught up: idle is fine
+    assert tp not in stalls.stalled(now=200)
+    assert stalls.due_for_a_log_line(tp, now=0) and not stalls.due_for_a_log_line(tp, now=59)
+    assert stalls.due_for_a_log_line(tp, now=60)
