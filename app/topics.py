@@ -225,16 +225,16 @@ async def emit_until_durable(records: Sequence[Record], *, what: str) -> None:
     (:func:`undeliverable`), and the others go on.
     """
     delay = 0.2
+    one_by_one = False
     while True:
         try:
-            await emit(records)
+            await (_one_by_one(records) if one_by_one else emit(records))
             return
         except asyncio.CancelledError:
             raise
         except RECORD_ERRORS as exc:  # which record? one by one, the refused ones dead-lettered
             log.warning("producing %s: Kafka refused a record (%r); one by one", what, exc)
-            await _one_by_one(records)
-            return
+            one_by_one = True
         except Exception as exc:  # a broker outage: wait and try again
             fleet.log.warning("producing %s failed (%s); retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
@@ -243,8 +243,8 @@ async def emit_until_durable(records: Sequence[Record], *, what: str) -> None:
 
 async def _one_by_one(records: Sequence[Record]) -> None:
     """Emit each record alone; one Kafka refuses goes to the DLQ instead. A transport error
-    propagates (the caller retries all: records emitted already are emitted again, which
-    at-least-once allows)."""
+    propagates (:func:`emit_until_durable` waits and goes one by one again: records emitted
+    already are emitted again, which at-least-once allows)."""
     for record in records:
         try:
             await emit([record])

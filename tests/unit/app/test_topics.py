@@ -52,3 +52,29 @@ async def test_only_the_refused_record_is_dead_lettered_and_an_outage_is_retried
     flat: list[Any] = [r for call in sent for r in call]
     assert [r.value for r in flat] == [b"a", b"huge", b"b"]
     assert [r.topic for r in flat] == ["wal-deliver", topics.NAMES["dlq"], "wal-deliver"]
+
+
+async def test_an_outage_while_going_one_by_one_is_waited_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent: list[Record] = []
+    calls = [0]
+
+    async def emit(records: list[Record]) -> int:
+        calls[0] += 1
+        if calls[0] == 3:  # the second record alone: the broker is away for a moment
+            raise KafkaConnectionError()
+        if any(r.value == b"huge" and r.topic == "wal-deliver" for r in records):
+            raise MessageSizeTooLargeError()
+        sent.extend(records)
+        return len(records)
+
+    async def no_sleep(_: float) -> None:
+        return None
+
+    monkeypatch.setattr(topics, "emit", emit)
+    monkeypatch.setattr(topics.asyncio, "sleep", no_sleep)
+    await topics.emit_until_durable([record(b"a"), record(b"huge")], what="test")
+    values = [(r.topic, r.value) for r in sent]
+    assert values[-1] == (topics.NAMES["dlq"], b"huge")  # dead-lettered after the outage
+    assert ("wal-deliver", b"a") in values and ("wal-deliver", b"huge") not in values
