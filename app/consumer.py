@@ -598,6 +598,10 @@ class StrictConsumer(driver.Consumer):
                     self.log.warning("wait_empty: still waiting for %r", lane)
         await super().wait_empty()
 
+    def paused(self) -> frozenset[TP]:
+        """Partitions whose fetching is paused (delay tiers parked, a rebalance's recovery)."""
+        return frozenset(self._paused_partitions)
+
     def release(self, message: Any) -> None:
         """Give ``message`` back to Kafka unprocessed: it will be read again, after a seek.
 

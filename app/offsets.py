@@ -248,7 +248,7 @@ stalls = Stalls(limit_s=settings.stall_after_s)
 
 def observe_stalls(lag: Mapping[str, Mapping[int, int]], now: float) -> None:
     consumer = _consumer()
-    paused = {(tp.topic, tp.partition) for tp in consumer._paused_partitions}
+    paused = {(tp.topic, tp.partition) for tp in consumer.paused()}
     waiting = {
         (topic, p): n
         for topic, parts in lag.items()

@@ -68,7 +68,7 @@ def in_flight(app: Any) -> str:
         lanes = list(lanes_of(app).values())
         queued = sum(lane.queued for lane in lanes)
         taken = sum(lane.taken for lane in lanes)
-        events = len(app.consumer._unacked_messages)  # Faust's own, for the quieter topics
+        events = len(app.consumer.unacked)  # Faust's: stream events not acked yet
     except Exception as exc:  # a count is not worth a shutdown that hangs
         return f"work that could not be counted ({exc!r})"
     return f"{taken} records in batches, {queued} queued, {events} stream events"

@@ -133,7 +133,14 @@ class SqlTarget(Target):
         self.mode = self.config.get("mode", "journal")
         if self.mode not in ("journal", "rows"):
             raise ConfigError(f"sql target {self.name}: mode must be 'journal' or 'rows'")
-        try:
+        self._metadata = sa.MetaData()
+        if self.mode == "journal":
+            self._table = _journal_table(self._metadata, self.config.get("table", "wal_messages"))
+        else:
+            self._rows = _RowsSpec.from_config(self.name, self.config)
+            ledger = self.config.get("ledgerTable", "wal_ledger")
+            self._ledger = _ledger_table(self._metadata, ledger)
+        try:  # last: a target whose config fails holds no share of a pool
             self._password = sa.engine.make_url(url).password
             self._engine = ENGINES.acquire(
                 url, self.settings.sql_pool_size, f"wal-{self.settings.app_id}"
@@ -142,13 +149,6 @@ class SqlTarget(Target):
             kind = type(exc).__name__
             raise ConfigError(f"sql target {self.name}: unusable url ({kind})") from None
         self._url = url
-        self._metadata = sa.MetaData()
-        if self.mode == "journal":
-            self._table = _journal_table(self._metadata, self.config.get("table", "wal_messages"))
-        else:
-            self._rows = _RowsSpec.from_config(self.name, self.config)
-            ledger = self.config.get("ledgerTable", "wal_ledger")
-            self._ledger = _ledger_table(self._metadata, ledger)
         self._ready = False
         self._ready_lock = asyncio.Lock()
         #: psycopg connections whose session has the journal's staging table.
