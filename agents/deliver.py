@@ -18,11 +18,34 @@ drops what would be dead-lettered: counted and logged, never silent.
 The batch's records are acked only once every item is delivered or durably
 dead-lettered: a crash replays the batch, and the targets' ledgers make the
 replay change nothing.
+
+One target does not hold up the others (a hung webhook, a locked table):
+
+* every call has a deadline (``WAL_TARGET_DEADLINE_S``); past it the call is
+  abandoned, its breaker counts the failure at once and its writes go to the
+  retry path;
+* a call still running ``WAL_TARGET_SLOW_MS`` after it started (or four times
+  the target's usual call time) no longer holds its batch: the follow-ups
+  decided so far are made durable, the agent takes the next batch, and this
+  one's records are acked when the call has ended and its own follow-ups are
+  durable (the commit rule keeps its partitions' commits behind them
+  meanwhile). While such a *slow call* runs, later calls to that target queue
+  behind it (a key's writes reach the target in order; at most
+  ``MAX_LATE_BATCHES`` batches wait so, then the agent waits too: a busy target
+  slows its own traffic). Once a call to the target has passed its deadline,
+  the calls queued behind it send their writes to the retry path uncalled, and
+  for a minute later writes for it wait in the 1 s delay tier (attempt count
+  unchanged) while a call to it is slow, rather than queue behind a target that
+  does not answer.
+
+Calls of ``ordering: key`` namespaces are always waited for: their key states
+must be saved before the next batch decides anything about the same keys.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter, defaultdict
@@ -41,7 +64,7 @@ from tables import ordering, stats, transactions
 from tables.namespaces import all_names, lookup
 from tables.status import Collector
 from targets import create as create_target
-from targets.base import Outcome, Target, Write, permanent
+from targets.base import Outcome, Target, Write, permanent, retryable
 from targets.circuit import BREAKERS, guard
 
 log = logging.getLogger("wal.deliver")
@@ -54,8 +77,27 @@ _tally: Counter[tuple[str, str]] = Counter()
 _latencies: dict[tuple[str, str], list[int]] = defaultdict(list)
 STATUS = Collector()
 
-#: How long a write parked behind its key waits before it asks again.
+#: How long a write parked behind its key (or a slow target) waits before it asks again.
 PARK_MS = 1000
+#: Batches finishing in the background (behind a slow call) at most; then the agent waits.
+MAX_LATE_BATCHES = 8
+#: The usual call time of a target is at most counted up to this, for slowness.
+MAX_USUAL_S = 5.0
+
+#: After a call to a target passed its deadline, for this long its writes do not queue
+#: behind a slow call to it: they wait in the delay tier.
+MISSED_FOR_S = 60.0
+
+#: Slow calls in flight per (namespace, target).
+_slow: Counter[tuple[str, str]] = Counter()
+#: The latest call started per (namespace, target): a later one waits for it while it is slow.
+_latest: dict[tuple[str, str], asyncio.Task[list[Outcome]]] = {}
+#: When a call per (namespace, target) last passed its deadline (loop time).
+_missed: dict[tuple[str, str], float] = {}
+#: Smoothed call time per (namespace, target), seconds.
+_usual: dict[tuple[str, str], float] = {}
+#: Batches whose records are acked once their slow calls have ended.
+_late_batches: set[asyncio.Future[None]] = set()
 
 #: The target a namespace without targets delivers to: the default database's journal.
 JOURNAL = TargetDef(identifier="journal", type="sql", config={})
@@ -80,6 +122,23 @@ class Item:
             return max(1, int(self.headers.get(topics.ATTEMPT) or 1))
         except ValueError:
             return 1
+
+
+@dataclass(slots=True, eq=False)
+class _Call:
+    """One target's share of a wave: a ``deliver()`` call running as a task of its own."""
+
+    namespace: str
+    identifier: str
+    members: list[Item]
+    ordered: bool
+    task: asyncio.Task[list[Outcome]]
+    #: Loop time from which the call no longer holds its batch (never, when ordered).
+    slow_at: float
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.identifier)
 
 
 @dataclass(slots=True)
@@ -137,6 +196,8 @@ async def _warm_on_rebalance(app: Any, /, *args: Any, signal: Any, **kwargs: Any
 async def _stop_warming(app: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
     for task in list(_warming):
         task.cancel()
+    for late in list(_late_batches):  # released unacked: read again by the next owner
+        late.cancel()
 
 
 async def warm_targets() -> int:
@@ -174,7 +235,57 @@ async def _deliver_batch(batch: Batch) -> None:
     metrics.BATCH_SIZE.labels("deliver").observe(len(batch))
     items = [_item(message) for message in batch.records]
     follow_ups = [r for item in items if (r := _plan(item)) is not None]
-    follow_ups += await _deliver_all(items)
+    done, late = await _deliver_all(items)
+    follow_ups += done
+    if not late:
+        await _finish(batch, follow_ups)
+        return
+    for call in late:
+        _slow[call.key] += 1
+        metrics.SLOW_CALLS.labels(*call.key).inc()
+        call.task.add_done_callback(functools.partial(_slow_ended, call.key))
+    log.info(
+        "target %s: a call of %d writes is slow; its batch of %d goes on in the background",
+        ", ".join(f"{c.namespace}/{c.identifier}" for c in late),
+        sum(len(c.members) for c in late),
+        len(batch),
+        extra={"agent": "deliver", "count": len(batch)},
+    )
+    if follow_ups:  # what is decided goes out now (a transaction waits for its outcomes)
+        await topics.emit_until_durable(follow_ups, what=f"{len(follow_ups)} follow-ups")
+    finishing = asyncio.ensure_future(_finish_late(batch, [], late))
+    _late_batches.add(finishing)
+    finishing.add_done_callback(_late_batches.discard)
+    while len(_late_batches) >= MAX_LATE_BATCHES:
+        await asyncio.wait(set(_late_batches), return_when=asyncio.FIRST_COMPLETED)
+
+
+def _slow_ended(key: tuple[str, str], _: object) -> None:
+    _slow[key] -= 1
+    if _slow[key] <= 0:
+        del _slow[key]
+    metrics.SLOW_CALLS.labels(*key).dec()
+
+
+async def _finish_late(batch: Batch, follow_ups: list[Record], late: list[_Call]) -> None:
+    """Wait for a batch's slow calls (each ends by its deadline), then finish the batch."""
+    try:
+        await asyncio.wait([call.task for call in late])
+        for call in late:
+            follow_ups += _outcomes(call, {})
+        await _finish(batch, follow_ups)
+    except asyncio.CancelledError:
+        for call in late:
+            call.task.cancel()
+        batch.release()
+        raise
+    except Exception:  # the agent's own catch-all does not see this task (faust #175)
+        log.exception("a batch of %d failed unexpectedly; released, to be read again", len(batch))
+        batch.release()
+
+
+async def _finish(batch: Batch, follow_ups: list[Record]) -> None:
+    """Make the batch's follow-ups durable, then ack its records."""
     # Shared with a batch of other partitions worked on meanwhile: its outcomes so far
     # may go out with this one (statistics and statuses are at-least-once, idempotent).
     follow_ups += _stats_deltas()
@@ -304,8 +415,9 @@ def _targets_of(
     return [(d, ref) for d, ref in found if d is not None and d.enabled]
 
 
-async def _deliver_all(items: list[Item]) -> list[Record]:
-    """Deliver every planned write; return the retries, parked writes and dead letters.
+async def _deliver_all(items: list[Item]) -> tuple[list[Record], list[_Call]]:
+    """Deliver every planned write. Returns the retries, parked writes and dead letters so
+    far, and the slow calls the batch must not wait for (their follow-ups come later).
 
     Writes of ``ordering: key`` namespaces go in waves - at most one per (key,
     target) in each - so a write that fails blocks the ones behind it before they
@@ -314,24 +426,107 @@ async def _deliver_all(items: list[Item]) -> list[Record]:
     pending = [(item, identifier) for item in items for identifier in item.writes]
     follow_ups: list[Record] = []
     states: dict[bytes, dict[str, ordering.KeyState]] = {}
+    late: list[_Call] = []
     while pending:
         wave, pending = _wave(pending)
         wave = [w for w in wave if not _parked(w, states, follow_ups)]
         groups: dict[tuple[str, str], list[Item]] = defaultdict(list)
         for item, identifier in wave:
             assert item.namespace is not None
-            groups[(item.namespace.name, identifier)].append(item)
-        results = await asyncio.gather(
-            *(_deliver_group(ns, ident, members) for (ns, ident), members in groups.items())
-        )
-        for ((_, identifier), members), outcomes in zip(groups.items(), results, strict=True):
-            for item, outcome in zip(members, outcomes, strict=True):
-                record = _next_step(item, identifier, outcome, states)
-                if record is not None:
-                    follow_ups.append(record)
+            key = (item.namespace.name, identifier)
+            if key in _slow and _missed_lately(key) and not _ordered(item):
+                follow_ups.append(_park(item, identifier, None))  # wait in Kafka, not here
+            else:
+                groups[key].append(item)
+        calls = [_call(ns, identifier, members) for (ns, identifier), members in groups.items()]
+        try:
+            slow = await _settle(calls)
+        except asyncio.CancelledError:  # the agent is stopping: no call outlives its batch
+            for call in calls:
+                call.task.cancel()
+            raise
+        late += slow
+        for call in calls:
+            if call not in slow:
+                follow_ups += _outcomes(call, states)
     # The sequencing state goes out with the follow-ups, durable before the acks.
     follow_ups += [ordering.save(key, per_target) for key, per_target in states.items()]
-    return follow_ups
+    return follow_ups, late
+
+
+def _call(namespace: str, identifier: str, members: list[Item]) -> _Call:
+    """Start one target's share of a wave - after the target's slow call, if one runs."""
+    key = (namespace, identifier)
+    ordered = any(_ordered(m) for m in members)
+    usual = min(_usual.get(key, 0.0) * 4, MAX_USUAL_S)
+    slow_after = max(settings.target_slow_ms / 1000, usual)
+    previous = _latest.get(key)
+    if previous is not None and not previous.done() and key in _slow and not ordered:
+        task = asyncio.ensure_future(_after(previous, namespace, identifier, members))
+    else:
+        task = asyncio.ensure_future(_deliver_group(namespace, identifier, members))
+    _latest[key] = task
+    task.add_done_callback(functools.partial(_forget, key))
+    loop = asyncio.get_running_loop()
+    return _Call(
+        namespace,
+        identifier,
+        members,
+        ordered,
+        task,
+        float("inf") if ordered else loop.time() + slow_after,
+    )
+
+
+def _forget(key: tuple[str, str], task: asyncio.Task[list[Outcome]]) -> None:
+    if _latest.get(key) is task:
+        del _latest[key]
+
+
+async def _after(
+    previous: asyncio.Task[list[Outcome]], namespace: str, identifier: str, members: list[Item]
+) -> list[Outcome]:
+    """A call queued behind the target's slow one: a key's writes reach it in order. When
+    the one before passes its deadline, this one's writes go to the retry path uncalled."""
+    queued = asyncio.get_running_loop().time()
+    await asyncio.wait([previous])
+    if _missed.get((namespace, identifier), float("-inf")) >= queued:
+        message = "not called: the call before it passed its deadline"
+        return [retryable("TARGET_UNAVAILABLE", message)] * len(members)
+    return await _deliver_group(namespace, identifier, members)
+
+
+def _missed_lately(key: tuple[str, str]) -> bool:
+    missed = _missed.get(key)
+    return missed is not None and asyncio.get_running_loop().time() - missed < MISSED_FOR_S
+
+
+async def _settle(calls: list[_Call]) -> list[_Call]:
+    """Wait for the calls until each has ended or become slow; return the slow ones."""
+    loop = asyncio.get_running_loop()
+    while True:
+        running = [c for c in calls if not c.task.done()]
+        if not running:
+            return []
+        now = loop.time()
+        if all(c.slow_at <= now for c in running):
+            return running
+        until = min(c.slow_at for c in running) - now
+        await asyncio.wait(
+            [c.task for c in running],
+            timeout=None if until == float("inf") else max(until, 0.0),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+
+
+def _outcomes(call: _Call, states: dict[bytes, dict[str, ordering.KeyState]]) -> list[Record]:
+    """The follow-up records of an ended call's outcomes."""
+    records = []
+    for item, outcome in zip(call.members, call.task.result(), strict=True):
+        record = _next_step(item, call.identifier, outcome, states)
+        if record is not None:
+            records.append(record)
+    return records
 
 
 def _wave(pending: list[tuple[Item, str]]) -> tuple[list[tuple[Item, str]], list[tuple[Item, str]]]:
@@ -422,10 +617,13 @@ def _carried_seq(item: Item, identifier: str) -> int | None:
 
 
 def _park(item: Item, identifier: str, seq: int | None) -> Record:
-    """Send a write round the shortest delay tier until its key lets it through."""
+    """Send a write round the shortest delay tier until its key (or its slow target) lets
+    it through; its attempt count is unchanged."""
     due = int(time.time() * 1000) + PARK_MS
     headers: dict[str, str | None] = dict(item.headers)
-    headers.update({topics.TARGET: identifier, topics.DUE_AT: str(due), topics.ORDER_SEQ: str(seq)})
+    headers.update({topics.TARGET: identifier, topics.DUE_AT: str(due)})
+    if seq is not None:
+        headers[topics.ORDER_SEQ] = str(seq)
     _count(item.namespace.name if item.namespace else metrics.UNKNOWN, "parked")
     return Record(topics.delay_topic_for(PARK_MS), item.key, item.raw, headers)
 
@@ -441,10 +639,28 @@ async def _deliver_group(
         target = await target_for(namespace_name, definition)
     except ConfigError as exc:
         return [permanent("TARGET_REJECTED", exc.message)] * len(members)
-    with metrics.DELIVERY_SECONDS.labels(namespace_name, identifier).time():
-        outcomes = await target.deliver([m.writes[identifier] for m in members])
-    _count_delivered(namespace_name, identifier, members, outcomes)
     breaker = BREAKERS.get(f"{namespace_name}/{identifier}")
+    deadline = settings.target_deadline_s
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(deadline):
+            outcomes = await target.deliver([m.writes[identifier] for m in members])
+    except TimeoutError:
+        outcomes = [
+            retryable("TARGET_UNAVAILABLE", f"no answer within the {deadline:g} s deadline")
+        ] * len(members)
+        metrics.TARGET_DEADLINES.labels(namespace_name, identifier).inc()
+        _missed[(namespace_name, identifier)] = asyncio.get_running_loop().time()
+        if breaker is not None:  # abandoned, so the target's own accounting never ran
+            breaker.record(outcomes)
+    else:
+        usual = _usual.get((namespace_name, identifier))
+        took = time.monotonic() - started
+        _usual[(namespace_name, identifier)] = took if usual is None else 0.8 * usual + 0.2 * took
+    metrics.DELIVERY_SECONDS.labels(namespace_name, identifier).observe(
+        time.monotonic() - started
+    )
+    _count_delivered(namespace_name, identifier, members, outcomes)
     if breaker is not None:
         metrics.CIRCUIT_STATE.labels(namespace_name, identifier).set(CIRCUIT_LEVELS[breaker.state])
     failed = [o for o in outcomes if not o.ok]

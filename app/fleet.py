@@ -16,13 +16,14 @@ import faust
 from aiokafka.helpers import create_ssl_context
 from faust.sensors.prometheus import setup_prometheus_sensors
 
-from app import consumer
+from app import consumer, store
 from app.models import MAX_REQUEST_BYTES, TOPIC_MAX_MESSAGE_BYTES
 from app.partitioner import partitioner
 from app.sensors import LeanMonitor
 from app.settings import Settings
 
 settings = Settings()
+store.install()  # rocksdb:// -> app.store:RocksStore
 
 
 def broker_credentials(s: Settings) -> Any:

@@ -55,6 +55,16 @@ CIRCUIT_STATE = Gauge(
     "Circuit breaker per target: 0 closed, 1 half-open, 2 open.",
     ["namespace", "target"],
 )
+SLOW_CALLS = Gauge(
+    "wal_target_slow_calls",
+    "Target calls past WAL_TARGET_SLOW_MS whose batch went on without them.",
+    ["namespace", "target"],
+)
+TARGET_DEADLINES = Counter(
+    "wal_target_deadlines",
+    "Target calls abandoned at WAL_TARGET_DEADLINE_S (their writes went to the retry path).",
+    ["namespace", "target"],
+)
 CONSUMER_LAG = Gauge(
     "wal_consumer_lag",
     "Records not yet processed, per assigned partition.",

@@ -107,6 +107,23 @@ class Settings(BaseSettings):
     """WAL_SQL_POOL_SIZE: connections a worker holds at most to one SQL database, shared by
     every namespace's targets on it (a batch that finds them all busy waits for one)."""
 
+    target_deadline_s: float = Field(default=15.0, gt=0, le=600)
+    """WAL_TARGET_DEADLINE_S: the longest one call to a target (a batch's writes for it) may
+    run. Past it the call is abandoned, counted at once as a failure by the target's circuit
+    breaker, and its writes go to the retry path."""
+
+    target_slow_ms: int = Field(default=500, ge=50)
+    """WAL_TARGET_SLOW_MS: a target call still running this long (or four times the target's
+    usual call time, if more) after it started no longer holds its batch: the batch's other
+    writes go on and its records are acked once the call ends; later calls to that target
+    queue behind it (see ``agents/deliver.py``). ``ordering: key`` namespaces wait."""
+
+    circuit_probe_ms: int = Field(default=2000, ge=100, le=60_000)
+    """WAL_CIRCUIT_PROBE_MS: while a target's circuit is open, how often it is probed
+    (``SELECT 1``, ``PING``, an HTTP target's ``probe`` request); after a failed probe,
+    twice as long. The first probe that finds the target up closes the circuit: writes
+    flow again within about two of these after it is back (``targets/circuit.py``)."""
+
     shutdown_timeout_s: float = Field(default=25.0, gt=0, le=3600)
     """WAL_SHUTDOWN_TIMEOUT_S: the most a SIGTERM'd worker takes to exit; past it (the broker
     or a target away) it abandons what is in flight - not acked, read again elsewhere - and

@@ -31,6 +31,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import RecordMetadata
 
+from app import store
 from app.fleet import fleet, settings
 from app.models import TOPIC_MAX_MESSAGE_BYTES
 from app.settings import Settings
@@ -152,24 +153,28 @@ async def emit(records: Sequence[Record]) -> int:
             partition = choose(record.key)
         groups.setdefault((record.topic, partition), []).append(record)
     futures = []
+    sizes: list[int] = []  # records behind each future: a batch's future has its first offset
     for (topic, partition), members in groups.items():
         batch = producer.create_batch()
         for r in members:
             headers = encode_headers(r.headers)
             if batch.append(key=r.key, value=r.value, timestamp=None, headers=headers) is None:
+                sizes.append(batch.record_count())
                 futures.append(await producer.send_batch(batch, topic, partition=partition))
                 batch = producer.create_batch()
                 if batch.append(key=r.key, value=r.value, timestamp=None, headers=headers) is None:
                     # larger than a batch on its own: the producer's own path splits nothing
                     # either, but reports the size error the way callers expect
+                    sizes.append(1)
                     futures.append(
                         await producer.send(
                             topic, r.value, key=r.key, partition=partition, headers=headers
                         )
                     )
         if batch.record_count():
+            sizes.append(batch.record_count())
             futures.append(await producer.send_batch(batch, topic, partition=partition))
-    await asyncio.gather(*futures)
+    store.note_durable(fleet.tables, zip(await asyncio.gather(*futures), sizes, strict=True))
     return len(records)
 
 

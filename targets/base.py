@@ -15,6 +15,18 @@ Lifecycle
     assigned, so the first write does not pay for connections and tables); it
     may raise, and a failure changes nothing: ``deliver`` still connects lazily.
 
+Probes
+    ``probe()``, optional, asks the remote end whether it answers, as cheaply
+    as it can (SQL: a pooled connection and ``SELECT 1``; Redis: ``PING``;
+    HTTP: a ``HEAD``/``GET`` its config names). While a target's circuit is
+    open (:mod:`targets.circuit`) it is probed every few seconds instead of
+    being sent real writes, and the circuit closes on the first probe that
+    finds it up. It returns ``DELIVERED`` when the target answered, a
+    retryable outcome (with the reason) when it did not, or ``None`` - the
+    default - when the target has no probe: its circuit then lets a real
+    batch through after the cooldown. A probe keeps a short timeout of its
+    own (seconds, not the target's delivery timeout) and never raises.
+
 Batches
     ``deliver(batch)`` takes a sequence of :class:`Write` items and returns a
     list of :class:`Outcome`, one per item, in the same order. Items of one
@@ -125,6 +137,10 @@ class Target(ABC):
     @abstractmethod
     async def deliver(self, batch: Sequence[Write]) -> list[Outcome]:
         """Apply ``batch``; one :class:`Outcome` per item, in order. Never raises."""
+
+    async def probe(self) -> Outcome | None:
+        """Does the target answer? ``None``: no probe (see the module docstring)."""
+        return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections. Never raises."""

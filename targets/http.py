@@ -3,7 +3,12 @@
 Config: ``url`` (required, http/https, no credentials in it; its host must be in
 ``allowedHosts`` when that list is given), ``method`` (POST, PUT, PATCH or
 DELETE), ``headers`` (values may be ``${ENV}`` references; never logged or put
-in messages), ``timeoutMs`` (10000), ``concurrency`` (16 requests in flight).
+in messages), ``timeoutMs`` (10000), ``concurrency`` (16 requests in flight),
+``probe`` (none): how to ask whether the receiver is back while its circuit is
+open - ``{"path": "/health"}`` (on the url's host) or ``{"url": ...}`` (checked
+like ``url``), ``method`` HEAD (default) or GET, ``timeoutMs`` (2000), sent with
+the configured headers. Any answer but 408, 425, 429 and 5xx means it is back.
+Without ``probe`` the circuit lets a real write through after its cooldown.
 
 The URL comes from the config only: nothing in a message can choose where a
 request goes. Each request carries the payload as JSON, ``Idempotency-Key:
@@ -28,7 +33,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -39,6 +44,7 @@ from targets.base import DELIVERED, Outcome, Target, Write, permanent, retryable
 __all__ = ["HttpTarget"]
 
 _METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+_PROBE_METHODS = {"HEAD", "GET"}
 _PASSTHROUGH = ("traceparent", "tracestate")
 
 
@@ -62,6 +68,7 @@ class HttpTarget(Target):
         self._secrets = sorted(parts, key=len, reverse=True)
         concurrency = _positive_int(self.name, self.config, "concurrency", 16)
         timeout = _positive_int(self.name, self.config, "timeoutMs", 10_000) / 1000
+        self._probe = _probe_request(self.name, self.config, self.url)
         self._gate = asyncio.Semaphore(concurrency)
         logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
         self._client = httpx.AsyncClient(
@@ -71,6 +78,21 @@ class HttpTarget(Target):
             follow_redirects=False,
             trust_env=False,  # settings are the only reader of the environment
         )
+
+    async def probe(self) -> Outcome | None:
+        """The configured ``probe`` request; None without one."""
+        if self._probe is None:
+            return None
+        assert self._client is not None, "open() first"
+        method, url, timeout = self._probe
+        try:
+            response = await self._client.request(method, url, timeout=timeout)
+        except httpx.HTTPError as exc:
+            return self._scrub(classify_error(exc))
+        except Exception as exc:
+            return retryable("TARGET_ERROR", f"unexpected {type(exc).__name__}")
+        outcome = classify_response(response.status_code, response.reason_phrase)
+        return outcome if outcome.status == "retryable" else DELIVERED
 
     async def close(self) -> None:
         if self._client is not None:
@@ -178,6 +200,28 @@ def _checked_url(name: str, config: Mapping[str, Any]) -> str:
         if parts.hostname.lower() not in hosts and parts.netloc.lower() not in hosts:
             raise ConfigError(f"http target {name}: host {parts.hostname} is not in allowedHosts")
     return url
+
+
+def _probe_request(name: str, config: Mapping[str, Any], url: str) -> tuple[str, str, float] | None:
+    """(method, url, timeout in seconds) of the config's ``probe``, or None."""
+    probe = config.get("probe")
+    if probe is None:
+        return None
+    if not isinstance(probe, Mapping) or ("url" in probe and "path" in probe):
+        raise ConfigError(f"http target {name}: probe must be an object (url or path, not both)")
+    method = str(probe.get("method", "HEAD")).upper()
+    if method not in _PROBE_METHODS:
+        raise ConfigError(f"http target {name}: probe method must be HEAD or GET")
+    if "url" in probe:
+        url = _checked_url(name, {**config, "url": probe["url"]})
+    elif "path" in probe:
+        path = probe["path"]
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ConfigError(f"http target {name}: probe path must start with /")
+        parts = urlsplit(url)
+        path, _, query = path.partition("?")
+        url = urlunsplit((parts.scheme, parts.netloc, path, query, ""))
+    return method, url, _positive_int(name, probe, "timeoutMs", 2_000) / 1000
 
 
 def _positive_int(name: str, config: Mapping[str, Any], key: str, default: int) -> int:

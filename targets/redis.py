@@ -28,6 +28,7 @@ reason. The script is loaded on first NOSCRIPT (a new or restarted server).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 from collections.abc import Mapping, Sequence
@@ -56,6 +57,8 @@ __all__ = ["RedisTarget"]
 
 _OPERATIONS = {"set", "del", "hset", "hdel", "incrby", "expire"}
 _WITH_TTL = {"set", "hset", "incrby"}
+#: The most a :meth:`RedisTarget.probe` waits for its ``PONG``.
+PROBE_TIMEOUT_S = 2.0
 
 # KEYS: marker, key. ARGV: marker TTL, operation, TTL ('' for none), operation arguments...
 _SCRIPT = """
@@ -119,6 +122,18 @@ class RedisTarget(Target):
     async def warm(self) -> None:
         if self._client is not None:
             await self._client.ping()
+
+    async def probe(self) -> Outcome:
+        """``PING``, within :data:`PROBE_TIMEOUT_S`."""
+        assert self._client is not None, "open() first"
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                await self._client.ping()
+        except TimeoutError:
+            return retryable("TARGET_UNAVAILABLE", f"no PONG within {PROBE_TIMEOUT_S:g} s")
+        except Exception as exc:  # whatever it was (LOADING too), the server is not there yet
+            return retryable("TARGET_UNAVAILABLE", self._scrub(classify(exc)).message)
+        return DELIVERED
 
     async def close(self) -> None:
         if self._client is not None:

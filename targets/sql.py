@@ -56,6 +56,8 @@ from targets.base import (
 )
 
 _OPERATIONS = {"insert", "upsert", "update", "delete"}
+#: The most a :meth:`SqlTarget.probe` waits (for a pooled connection, connecting, the answer).
+PROBE_TIMEOUT_S = 2.0
 
 
 class _Invalid(Exception):
@@ -157,6 +159,17 @@ class SqlTarget(Target):
     async def warm(self) -> None:
         """A pooled connection, and the journal or ledger table in place."""
         await self._prepare()
+
+    async def probe(self) -> Outcome:
+        """A pooled connection and ``SELECT 1``, within :data:`PROBE_TIMEOUT_S`."""
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S), self.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+        except TimeoutError:
+            return retryable("TARGET_UNAVAILABLE", f"no answer within {PROBE_TIMEOUT_S:g} s")
+        except Exception as exc:  # whatever it was, the database did not answer
+            return retryable("TARGET_UNAVAILABLE", self._classify(exc).message)
+        return DELIVERED
 
     async def close(self) -> None:
         if self._engine is not None:

@@ -104,6 +104,8 @@ class Webhook:
     in_flight: int = 0
     max_in_flight: int = 0
     hold_s: float = 0.0
+    #: While set and not yet set free, every request waits for it (a hung receiver).
+    gate: asyncio.Event | None = None
     slow_s: float = 2.0
     #: Called with each request's JSON body; a status it returns is the answer.
     fail_if: Callable[[Any], int | None] | None = None
@@ -137,6 +139,8 @@ class Webhook:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
+            if self.gate is not None:
+                await self.gate.wait()
             if self.hold_s:
                 await asyncio.sleep(self.hold_s)
             if request.path == "/slow":

@@ -129,3 +129,19 @@ def test_a_broken_dockerfile_is_caught(old: str, new: str, problem: str) -> None
     assert text.count(old) == 1
     problems = dockerfile_problems(text.replace(old, new))
     assert any(problem in p for p in problems), problems
+
+
+def test_the_build_installs_the_rocksdb_extra_by_default() -> None:
+    """WAL_STORE=rocksdb:// needs rocksdict in the image: the ``rocksdb`` extra, by default."""
+    import tomllib
+
+    text = DOCKERFILE.read_text()
+    steps = instructions(text)
+    args = dict(a.split("=", 1) for k, a in steps if k == "ARG" and "=" in a)
+    assert "rocksdb" in args["EXTRAS"].strip('"').split(",")
+    runs = " ".join(a for k, a in steps if k == "RUN")
+    assert '"${wheel}${EXTRAS:+[${EXTRAS}]}"' in runs and "import rocksdict" in runs
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    rocksdb = extras["optional-dependencies"]["rocksdb"]
+    assert any(r.startswith("rocksdict") for r in rocksdb), rocksdb
+    assert "wal-fleet[rocksdb]" in extras["optional-dependencies"]["dev"]  # CI runs the store

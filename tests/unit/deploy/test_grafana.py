@@ -20,10 +20,14 @@ DATASOURCE = "${DS_PROMETHEUS}"
 COUNTERS = {
     "wal_messages_total": {"namespace", "stage", "outcome"},
     "wal_dead_letters_total": {"namespace", "code"},
+    "wal_commits_refused_total": {"topic"},
+    "wal_target_deadlines_total": {"namespace", "target"},
 }
 GAUGES = {
     "wal_circuit_state": {"namespace", "target"},
     "wal_consumer_lag": {"topic", "partition"},
+    "wal_partition_stalled_seconds": {"topic", "partition"},
+    "wal_target_slow_calls": {"namespace", "target"},
 }
 HISTOGRAMS = {
     "wal_delivery_seconds": {"namespace", "target"},
@@ -144,6 +148,8 @@ def test_the_required_panels_are_there() -> None:
         "2": "open",
     }
     assert any("by (topic)" in exprs[t] for t in by_metric["wal_consumer_lag"])
+    assert by_metric["wal_partition_stalled_seconds"] and by_metric["wal_commits_refused_total"]
+    assert by_metric["wal_target_slow_calls"] and by_metric["wal_target_deadlines_total"]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -110,12 +112,21 @@ def test_a_broken_manifest_is_caught(
 # -- kustomization ---------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    shutil.which("kubectl") is None, reason="kubectl (built-in kustomize) not installed"
-)
+def kustomize() -> Path:
+    """The kustomize binary `make deps` builds (deploy/local/install-deps.sh pins it)."""
+    script = (K8S.parent / "local" / "install-deps.sh").read_text()
+    (version,) = re.findall(r"^KUSTOMIZE_VERSION=(\S+)$", script, re.M)
+    cache = Path(os.environ.get("WAL_STACK_CACHE_DIR") or Path.home() / ".cache" / "wal")
+    binary = cache / "bin" / f"kustomize-{version}"
+    if not binary.exists():
+        pytest.fail(f"{binary} is missing: run `make deps`", pytrace=False)
+    return binary
+
+
 def test_the_kustomize_build_validates_strictly() -> None:
     built = subprocess.run(
-        ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=True
+        [str(kustomize()), "build", str(K8S)], capture_output=True, text=True, timeout=60,
+        check=True,
     ).stdout
     docs = [doc for doc in yaml.safe_load_all(built) if doc]
     keda = keda_validator()
