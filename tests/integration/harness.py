@@ -278,6 +278,17 @@ async def group_lag(group: str, topics: list[str]) -> dict[str, int]:
         await admin.close()
 
 
+async def committed_count(group: str, topic: str) -> int:
+    """How many of ``topic``'s records the group has committed past (offsets from 0)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return sum(o.offset for tp, o in committed.items() if tp.topic == topic and o.offset > 0)
+
+
 def pg_query(sql: str, *params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
         cursor = conn.execute(sql, params)  # type: ignore[arg-type]

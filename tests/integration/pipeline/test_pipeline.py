@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.harness import (
     Fleet,
+    committed_count,
     eventually,
     group_lag,
     header,
@@ -104,7 +105,8 @@ async def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(fleet:
     table = f"k_{fleet.prefix}"
     fleet.apply(insert_only(table))
     total = 20_000
-    first = await fleet.worker(WAL_BATCH_SIZE="200").ready()
+    # commits 2 s apart: the kill surely falls between a batch's rows and their commit
+    first = await fleet.worker(WAL_BATCH_SIZE="200", WAL_COMMIT_INTERVAL_S="2").ready()
     await produce(
         fleet.topic("ingest"),
         (request("orders", {"seq": i, "body": "b" * 200}) for i in range(total)),
@@ -114,6 +116,10 @@ async def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(fleet:
     first.kill9()
     killed_at = pg_count(table)
     assert killed_at < total, "the kill came too late to prove anything"
+    # Rows applied past the committed deliver offsets: the next worker must read those
+    # records again, and the ledger must keep their rows from doubling.
+    replayed = killed_at - await committed_count(fleet.prefix, fleet.topic("deliver"))
+    assert replayed > 0, f"nothing to replay ({killed_at} rows, all committed): proves nothing"
 
     await fleet.worker(WAL_BATCH_SIZE="200").ready()
     await eventually(lambda: _at_least(table, total), timeout=240, what="all rows after restart")
@@ -123,7 +129,11 @@ async def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(fleet:
         f'SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM "{table}"'
     )[0]
     assert (count, distinct, low, high) == (total, total, 0, total - 1)
-    print(f"killed at {killed_at} rows; after restart {count} rows, {distinct} distinct")
+    assert await committed_count(fleet.prefix, fleet.topic("deliver")) == total  # (the helper)
+    print(
+        f"killed at {killed_at} rows ({replayed} of them not committed: read again); "
+        f"after restart {count} rows, {distinct} distinct"
+    )
 
 
 async def test_two_workers_starting_on_a_backlog_deliver_every_record_once(fleet: Fleet) -> None:

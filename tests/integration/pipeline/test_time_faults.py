@@ -8,7 +8,15 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.harness import Fleet, eventually, pg_count, pg_query, produce, request
+from tests.integration.harness import (
+    Fleet,
+    eventually,
+    group_lag,
+    pg_count,
+    pg_query,
+    produce,
+    request,
+)
 from tests.integration.targets.target_services import TcpProxy
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
@@ -87,7 +95,8 @@ async def test_sigkill_while_messages_wait_in_delay_and_retry_tiers(
 
     await eventually(all_failed_once, timeout=60, what="500 writes in the retry tiers")
     first.kill9()
-    assert pg_count(table) == 0
+    (nothing,) = pg_query(f'SELECT count(*) FROM "{table}"')[0]  # the table exists: strict
+    assert nothing == 0
 
     await pg_proxy.start()  # the database comes back
     await fleet.worker().ready()
@@ -96,6 +105,7 @@ async def test_sigkill_while_messages_wait_in_delay_and_retry_tiers(
         return pg_count(table) >= 1000
 
     await eventually(all_rows, timeout=120, what="1000 rows")
+    await eventually(lambda: _drained(fleet, delay=True), timeout=60, what="every tier drained")
     count, distinct = pg_query(f'SELECT count(*), count(DISTINCT seq) FROM "{table}"')[0]
     assert (count, distinct) == (1000, 1000)
     (earliest_delayed,) = pg_query(f"SELECT min(at_ms) FROM \"{table}\" WHERE kind = 'delayed'")[0]
@@ -134,8 +144,10 @@ async def test_a_redrive_after_the_fix_delivers_each_message_once(
     assert (count, distinct) == (50, 50)
 
 
-async def _drained(fleet: Fleet) -> bool:
-    from tests.integration.harness import group_lag
-
-    lag = await group_lag(fleet.prefix, [fleet.topic("ingest"), fleet.topic("deliver")])
+async def _drained(fleet: Fleet, *, delay: bool = False) -> bool:
+    """Nothing left uncommitted on ingest and deliver (and the delay tiers, if asked)."""
+    roles = ["ingest", "deliver"]
+    if delay:
+        roles += [f"delay-{tier}" for tier in ("1s", "5s", "30s", "2m", "15m")]
+    lag = await group_lag(fleet.prefix, [fleet.topic(role) for role in roles])
     return not any(lag.values())

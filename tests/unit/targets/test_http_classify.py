@@ -93,5 +93,10 @@ async def test_allowed_hosts_match_host_or_host_port() -> None:
     for allowed in (["GOOD.example"], ["good.example:8443"]):
         config = {"url": "https://good.example:8443/x", "allowedHosts": allowed}
         target = HttpTarget("hook", config, Settings())
-        await target.open()
+        await target.open()  # accepted: would raise ConfigError otherwise
+        assert target.url == "https://good.example:8443/x"
         await target.close()
+    for refused in (["bad.example"], ["good.example:9999"], ["good.example.evil"]):
+        config = {"url": "https://good.example:8443/x", "allowedHosts": refused}
+        with pytest.raises(ConfigError, match="allowedHosts"):
+            await HttpTarget("hook", config, Settings()).open()
