@@ -10,8 +10,9 @@ The data::
      "namespaces": [{"name", "enabled", "totals": {outcome: n},
                      "rates": {"1m"|"5m"|"1h": {outcome: per_s}},
                      "latencyMs": {"1m"|"5m"|"1h"|"total": {"p50", "p95", "p99", "count"}},
-                     "dlq": {"topic", "depth"}, "error"?}],
+                     "dlq": {"topic", "depth", "shared"}, "error"?}],
      "backlog": {"total": n, "byTopic": {topic: n}} | None,
+     "dlq": {"topic", "depth"} | None (the shared DLQ topic),
      "circuits": [{"worker", "key", "state", "consecutive_failures"}],
      "workers": [{"url", "ready", "assigned": {topic: [p]}, "lag": {topic: {p: n}},
                   "stalled"?: [{"topic", "partition", "seconds"}], "error"?}]}
@@ -54,7 +55,7 @@ def render(data: Mapping[str, Any]) -> str:
         [
             _header(data, workers),
             "<main>",
-            _cards(namespaces, workers, data.get("backlog")),
+            _cards(namespaces, workers, data.get("backlog"), data.get("dlq")),
             _namespaces(namespaces),
             _circuits(list(data.get("circuits") or [])),
             _workers(workers),
@@ -81,6 +82,7 @@ def _cards(
     namespaces: Sequence[Mapping[str, Any]],
     workers: Sequence[Mapping[str, Any]],
     backlog: Mapping[str, Any] | None,
+    dlq: Mapping[str, Any] | None,
 ) -> str:
     delivered = sum(_total(ns, "delivered") for ns in namespaces)
     dead = sum(_total(ns, "dead_lettered") for ns in namespaces)
@@ -93,6 +95,8 @@ def _cards(
         ("Dead-lettered", _int(dead)),
         ("Retry/delay backlog", _int(backlog.get("total")) if backlog else "n/a"),
     ]
+    if dlq:  # the shared topic's depth is the fleet's, not any one namespace's
+        cards.append((f"DLQ depth ({dlq.get('topic')})", _int(dlq.get("depth"))))
     return (
         "<div class='cards'>"
         + "".join(
@@ -115,7 +119,7 @@ def _namespaces(namespaces: Sequence[Mapping[str, Any]]) -> str:
             "Rejected",
             "Delivered/s 1m · 5m · 1h",
             "p99 latency (5m · 1h)",
-            "DLQ depth",
+            "Own DLQ depth",
         ],
     )
     rows = []
@@ -134,7 +138,11 @@ def _namespaces(namespaces: Sequence[Mapping[str, Any]]) -> str:
             *(_int(_total(ns, o)) for o in ("dead_lettered", "rejected")),
             rates,
             latency,
-            f"{_int(dlq.get('depth'))} <small>{_e(dlq.get('topic'))}</small>",
+            (
+                f"<small>shared ({_e(dlq.get('topic'))})</small>"
+                if dlq.get("shared")
+                else f"{_int(dlq.get('depth'))} <small>{_e(dlq.get('topic'))}</small>"
+            ),
         ]
         rows.append(_row("td", cells, raw=True, numeric=range(1, 6)))
     empty = "<tr><td colspan='9' class='muted'>no namespaces</td></tr>"

@@ -129,6 +129,13 @@ class Settings(BaseSettings):
     or a target away) it abandons what is in flight - not acked, read again elsewhere - and
     exits 3. Keep it below Kubernetes' grace period (30 s by default)."""
 
+    producer_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "none"
+    """WAL_PRODUCER_COMPRESSION: compression of the records the fleet produces (ingest's
+    output, retries, dead letters, tables). ``none`` by default: the topics hold a worst-case
+    request uncompressed (16 MiB under 16.5 MiB), and compression costs CPU on every hop.
+    ``gzip`` is built in; ``lz4``, ``zstd`` and ``snappy`` need their codec installed
+    (``lz4``, ``zstandard``, ``python-snappy``), checked at start."""
+
     producer_linger_ms: int = Field(default=5, ge=0)
     """WAL_PRODUCER_LINGER_MS: producer linger; batches records sent together."""
 

@@ -471,11 +471,16 @@ class Dashboard(View):
         async with httpx.AsyncClient(timeout=FLEET_TIMEOUT_S) as client:
             rows = await asyncio.gather(*(_namespace_row(client, n) for n in names))
         backlog = await _probed(offsets.probe.delay_backlog())
+        shared = await _probed(offsets.probe.depth(topics.NAMES["dlq"]))
         data = {
             "generatedAt": now_iso(),
             "source": _own_url(),
             "namespaces": [r for r in rows if r is not None],
             "backlog": None if "error" in backlog else backlog,
+            "dlq": {
+                "topic": topics.NAMES["dlq"],
+                "depth": None if isinstance(shared, dict) else shared,
+            },
             "circuits": [
                 {"worker": w["url"], "key": key, **snapshot}
                 for w in fleet_data["workers"]
@@ -495,9 +500,15 @@ async def _namespace_row(client: httpx.AsyncClient, name: str) -> dict[str, Any]
         row.update(await _metrics_of(client, ns.name))
     except (httpx.HTTPError, KeyError, ValueError) as exc:
         row["error"] = f"metrics unavailable ({type(exc).__name__})"
-    dlq_topic = ns.dlq_config.topic_name or topics.NAMES["dlq"]
-    depth = await _probed(offsets.probe.depth(dlq_topic))
-    row["dlq"] = {"topic": dlq_topic, "depth": None if isinstance(depth, dict) else depth}
+    if ns.dlq_config.topic_name is None:  # the shared topic: its depth is not this namespace's
+        row["dlq"] = {"topic": topics.NAMES["dlq"], "depth": None, "shared": True}
+        return row
+    depth = await _probed(offsets.probe.depth(ns.dlq_config.topic_name))
+    row["dlq"] = {
+        "topic": ns.dlq_config.topic_name,
+        "depth": None if isinstance(depth, dict) else depth,
+        "shared": False,
+    }
     return row
 
 

@@ -65,6 +65,18 @@ def private_broker(tmp_path: Path) -> Iterator[Settings]:
         stack.down(settings)
 
 
+@pytest.fixture
+def own_broker(
+    fleet: Fleet, private_broker: Settings, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    """:func:`private_broker`, with this test's fleet and the harness's clients on it."""
+    monkeypatch.setattr(
+        "tests.integration.harness.BOOTSTRAP", private_broker.broker.removeprefix("kafka://")
+    )
+    fleet.extra_env["WAL_BROKER"] = private_broker.broker
+    return private_broker
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     report = yield

@@ -27,6 +27,9 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from app import stack
+from app.settings import Settings
+
 BOOTSTRAP = "127.0.0.1:9092"
 PG_DSN = "postgresql://wal:wal@127.0.0.1:5432/wal"
 PG_URL = "postgresql+psycopg://wal:wal@127.0.0.1:5432/wal"
@@ -287,6 +290,13 @@ async def committed_count(group: str, topic: str) -> int:
     finally:
         await admin.close()
     return sum(o.offset for tp, o in committed.items() if tp.topic == topic and o.offset > 0)
+
+
+def kafka_pid(settings: Settings) -> int:
+    """The pid of the broker the local stack started under ``settings``."""
+    kafka = next(s for s in stack.status(settings) if s.name == "kafka")
+    assert isinstance(kafka.pid, int), kafka
+    return kafka.pid
 
 
 def pg_query(sql: str, *params: Any) -> list[tuple[Any, ...]]:

@@ -95,7 +95,7 @@ async def test_dashboard_shows_namespaces_numbers_and_workers(
         text = visible_text(await chromium(tmp_path, "--dump-dom", f"{second.url}/wal/dashboard"))
         return (
             text
-            if "1,234" in text and "77" in text and " 3 " + fleet.topic("dlq") in text
+            if "1,234" in text and "77" in text and f"3 DLQ depth ({fleet.topic('dlq')})" in text
             else None
         )
 
@@ -105,6 +105,8 @@ async def test_dashboard_shows_namespaces_numbers_and_workers(
     assert row, text
     assert float(row.group(4)) == pytest.approx(900, rel=0.1)  # p99 of 98 at 40 ms, 2 at 900
     assert re.search(rf"{names[1]} 77 70 5 2 0 ", text), text
+    # the shared DLQ's depth is not shown as any one namespace's
+    assert text.count(f"shared ({fleet.topic('dlq')})") == 2, text
     for worker in (first, second):
         assert f"{worker.url} ready" in text
         for name in names:  # each worker opened (warmed) every namespace's target at its start

@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
-from app import stack
 from app.settings import Settings
 from tests.integration.harness import (
     Fleet,
     Worker,
     eventually,
     insert_only,
+    kafka_pid,
     pg_query,
     produce,
     request,
@@ -95,12 +95,9 @@ async def test_a_partition_held_by_a_hung_target_makes_the_worker_not_ready_unti
 
 
 async def test_a_paused_broker_makes_the_worker_not_ready_until_it_is_back(
-    fleet: Fleet, private_broker: Settings, monkeypatch: pytest.MonkeyPatch
+    fleet: Fleet, own_broker: Settings
 ) -> None:
-    monkeypatch.setattr(
-        "tests.integration.harness.BOOTSTRAP", private_broker.broker.removeprefix("kafka://")
-    )
-    fleet.extra_env.update({"WAL_BROKER": private_broker.broker, "WAL_STALL_AFTER_S": "3"})
+    fleet.extra_env["WAL_STALL_AFTER_S"] = "3"
     table = f"rd_{uuid.uuid4().hex[:8]}"
     fleet.apply(insert_only(table))
     worker = await fleet.worker(WAL_BATCH_SIZE="200").ready()
@@ -113,9 +110,8 @@ async def test_a_paused_broker_makes_the_worker_not_ready_until_it_is_back(
         return int(pg_query(f'SELECT count(*) FROM "{table}"')[0][0]) >= 500
 
     await eventually(some_rows, timeout=60, what="some rows")
-    kafka = next(s for s in stack.status(private_broker) if s.name == "kafka")
-    assert isinstance(kafka.pid, int)
-    os.kill(kafka.pid, signal.SIGSTOP)
+    pid = kafka_pid(own_broker)
+    os.kill(pid, signal.SIGSTOP)
     try:
 
         async def not_ready() -> dict[str, Any] | None:
@@ -127,7 +123,7 @@ async def test_a_paused_broker_makes_the_worker_not_ready_until_it_is_back(
         reasons = {p["topic"] for p in body["stalled"]}
         assert not body["checks"]["commitsAdvancing"] or reasons, body
     finally:
-        os.kill(kafka.pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
 
     async def ready_again() -> bool:
         return (await ready(worker))[0] == 200

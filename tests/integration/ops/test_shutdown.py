@@ -14,13 +14,13 @@ import time
 import httpx
 import pytest
 
-from app import stack
 from app.settings import Settings
 from tests.integration.harness import (
     Fleet,
     Worker,
     eventually,
     insert_only,
+    kafka_pid,
     pg_count,
     pg_query,
     produce,
@@ -33,18 +33,11 @@ DEADLINE_S = 5.0
 
 
 async def test_sigterm_with_the_broker_frozen_exits_at_the_deadline_and_loses_nothing(
-    fleet: Fleet, private_broker: Settings, monkeypatch: pytest.MonkeyPatch
+    fleet: Fleet, own_broker: Settings
 ) -> None:
     # the records go to this test's own broker, which it freezes
-    monkeypatch.setattr(
-        "tests.integration.harness.BOOTSTRAP", private_broker.broker.removeprefix("kafka://")
-    )
     fleet.extra_env.update(
-        {
-            "WAL_BROKER": private_broker.broker,
-            "WAL_SHUTDOWN_TIMEOUT_S": str(DEADLINE_S),
-            "WAL_STALL_AFTER_S": "3",
-        }
+        {"WAL_SHUTDOWN_TIMEOUT_S": str(DEADLINE_S), "WAL_STALL_AFTER_S": "3"}
     )
     table = f"sd_{fleet.prefix}"
     fleet.apply(insert_only(table))
@@ -55,9 +48,8 @@ async def test_sigterm_with_the_broker_frozen_exits_at_the_deadline_and_loses_no
     )
     await eventually(lambda: _rows_at_least(table, 500), timeout=60, what="some rows")
 
-    kafka = next(s for s in stack.status(private_broker) if s.name == "kafka")
-    assert isinstance(kafka.pid, int)
-    os.kill(kafka.pid, signal.SIGSTOP)  # mid-stream: produce, commit, leave all hang
+    pid = kafka_pid(own_broker)
+    os.kill(pid, signal.SIGSTOP)  # mid-stream: produce, commit, leave all hang
     try:
         # nothing is acked, yet the worker does not pass for idle: it names what is stuck
         stalled = await eventually(lambda: _stalled(first), timeout=30, what="503 stalled")
@@ -68,7 +60,7 @@ async def test_sigterm_with_the_broker_frozen_exits_at_the_deadline_and_loses_no
         code = await asyncio.to_thread(first.proc.wait, DEADLINE_S + 20)
         took = time.monotonic() - since
     finally:
-        os.kill(kafka.pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
     assert code == 3, f"exit {code} after {took:.1f}s:\n{first.tail()}"
     assert took < DEADLINE_S + 5, f"took {took:.1f}s"
     assert "shutdown passed its deadline" in first.log.read_text()

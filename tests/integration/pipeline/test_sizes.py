@@ -56,10 +56,11 @@ async def produce_gzipped(topic: str, values: list[bytes]) -> None:
         await producer.stop()
 
 
-async def test_requests_of_megabytes_pass_end_to_end(fleet: Fleet) -> None:
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+async def test_requests_of_megabytes_pass_end_to_end(fleet: Fleet, compression: str) -> None:
     table = f"z_{fleet.prefix}"
     fleet.apply(big_namespace(table))
-    worker = await fleet.worker().ready()
+    worker = await fleet.worker(WAL_PRODUCER_COMPRESSION=compression).ready()
     values = [request("orders", {"seq": i, "body": "b"}) for i in range(50)]
     await produce_gzipped(fleet.topic("ingest"), [*values, big_request(50)])
     async with httpx.AsyncClient(base_url=worker.url, timeout=30) as client:

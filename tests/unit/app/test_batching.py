@@ -55,24 +55,42 @@ class FakeStream:
 
 
 async def test_batches_fill_up_then_wait_for_the_window() -> None:
+    """A full batch comes at once, a partial one only when its window ends: with a 30 s
+    window, the full one arriving at all shows it did not wait, and the partial one not
+    arriving while the window is open shows that it does."""
     stream = FakeStream()
-    got: list[tuple[list[Any], float]] = []
-    started = time.monotonic()
+    got: list[list[Any]] = []
+    full = asyncio.Event()
 
     async def take() -> None:
-        async for events in batches(stream, 3, 0.3):
-            got.append(([v for _, v in events], time.monotonic()))
-            if sum(len(b) for b, _ in got) == 5:
-                return
+        async for events in batches(stream, 3, 30.0):
+            got.append([v for _, v in events])
+            full.set()
 
     task = asyncio.ensure_future(take())
     for n in range(5):
         await stream.queue.put(n)
-    await asyncio.wait_for(task, 5)
-    assert [b for b, _ in got] == [[0, 1, 2], [3, 4]]
-    assert got[0][1] - started < 0.25  # full: at once
-    assert got[1][1] - started >= 0.29  # partial: one window after its first event
+    await asyncio.wait_for(full.wait(), 10)  # far sooner than the window
+    await asyncio.sleep(0.2)  # the partial batch [3, 4] waits for its window meanwhile
+    assert got == [[0, 1, 2]]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
     assert stream.enable_acks and stream._processors == []  # put back as found
+
+
+async def test_a_partial_batch_comes_when_its_window_ends() -> None:
+    stream = FakeStream()
+
+    async def first_batch() -> list[Any]:
+        async for events in batches(stream, 3, 0.2):
+            return [v for _, v in events]
+        return []
+
+    task = asyncio.ensure_future(first_batch())
+    await stream.queue.put(7)
+    started = time.monotonic()
+    assert await asyncio.wait_for(task, 10) == [7]
+    assert time.monotonic() - started >= 0.19  # not before its window ended
 
 
 async def test_a_full_buffer_holds_the_stream_until_it_is_taken() -> None:

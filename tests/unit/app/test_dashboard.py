@@ -32,9 +32,15 @@ def fleet_data(**overrides: Any) -> dict[str, Any]:
                     "1h": {"delivered": 3.25},
                 },
                 "latencyMs": {"5m": {"p99": 87.2}, "1h": {"p99": 1520.0}},
-                "dlq": {"topic": "wal-dlq", "depth": 42},
-            }
+                "dlq": {"topic": "orders-dlq", "depth": 42, "shared": False},
+            },
+            {
+                "name": "billing",
+                "totals": {"dead_lettered": 5},
+                "dlq": {"topic": "wal-dlq", "depth": None, "shared": True},
+            },
         ],
+        "dlq": {"topic": "wal-dlq", "depth": 900},
         "backlog": {"total": 17, "byTopic": {"wal-delay-1s": 17}},
         "circuits": [
             {
@@ -87,9 +93,12 @@ def test_it_shows_namespaces_with_totals_rates_latency_and_dlq_depth() -> None:
     html = render(fleet_data())
     text = read(html).text
     assert "orders" in text
-    for shown in ("12,345", "12,000", "41.5 · 40.0 · 3.2", "87.2 ms · 1.52 s", "42 wal-dlq"):
+    for shown in ("12,345", "12,000", "41.5 · 40.0 · 3.2", "87.2 ms · 1.52 s", "42 orders-dlq"):
         assert shown in text, shown
     assert "17 Retry/delay backlog" in text
+    # the shared topic's depth is the fleet's: a card, not a number on each namespace's row
+    assert "900 DLQ depth (wal-dlq)" in text and text.count("900") == 1
+    assert "billing 0 0 0 5 0" in text and "shared (wal-dlq)" in text
     assert f"<meta http-equiv='refresh' content='{REFRESH_S}'>" in html
 
 
