@@ -72,8 +72,9 @@ log = logging.getLogger("wal.deliver")
 #: ``wal_circuit_state`` values.
 CIRCUIT_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
 
-#: Outcomes for ``wal-stats`` since the last batch emitted them.
-_tally: Counter[tuple[str, str]] = Counter()
+#: Outcomes for ``wal-stats`` since the last batch emitted them: (namespace, target,
+#: outcome) -> the sources (``Item.source``) counted; latencies per (namespace, target).
+_tally: dict[tuple[str, str, str], list[str]] = defaultdict(list)
 _latencies: dict[tuple[str, str], list[int]] = defaultdict(list)
 STATUS = Collector()
 
@@ -624,7 +625,7 @@ def _park(item: Item, identifier: str, seq: int | None) -> Record:
     headers.update({topics.TARGET: identifier, topics.DUE_AT: str(due)})
     if seq is not None:
         headers[topics.ORDER_SEQ] = str(seq)
-    _count(item.namespace.name if item.namespace else metrics.UNKNOWN, "parked")
+    _count(item, identifier, "parked")
     return Record(topics.delay_topic_for(PARK_MS), item.key, item.raw, headers)
 
 
@@ -690,7 +691,7 @@ def _after_failure(item: Item, identifier: str, outcome: Outcome) -> tuple[Recor
     if outcome.status == "retryable" and backoff.should_retry(policy, item.attempt, outcome.code):
         wait = backoff.delay_ms(policy, item.attempt, retry_after_s=outcome.retry_after)
         if now + wait < expires:
-            _count(item.namespace.name, "retried")
+            _count(item, identifier, "retried")
             return _retry(item, identifier, outcome, now, wait), False
         code, message = "MESSAGE_EXPIRED", f"ttl passed before a retry; last {failure}"
     elif outcome.status == "retryable" and item.attempt >= policy.max_attempts:
@@ -740,10 +741,33 @@ def _note(item: Item, step: str, target: str | None, **fields: Any) -> None:
     )
 
 
-def _count(namespace: str, outcome: str, n: int = 1) -> None:
-    """Count outcomes in Prometheus and in this batch's stats delta."""
-    metrics.MESSAGES.labels(namespace, "deliver", outcome).inc(n)
-    _tally[(namespace, outcome)] += n
+def _count(item: Item, target: str | None, outcome: str) -> None:
+    """Count an outcome in Prometheus and in the next stats delta, naming its record."""
+    namespace = item.namespace.name if item.namespace else metrics.UNKNOWN
+    metrics.MESSAGES.labels(namespace, "deliver", outcome).inc()
+    counted = item.source if outcome in ("retried", "parked") else _origin(item)
+    _tally[(namespace, target or "", outcome)].append(counted)
+
+
+def _origin(item: Item) -> str:
+    """The record a write's final outcome is counted against.
+
+    On its first pass, its ingest record: ingest re-reading a request after a crash
+    sends the write to ``wal-deliver`` again, and it must not count twice. Written as
+    ``ingest-topic/partition:deliver-partition/offset``, so each run of counted offsets
+    comes from one ingest partition through one deliver partition: in order (see
+    :func:`tables.stats.delta`). A write back from a delay tier (a retry, a park) and
+    a transaction's mutation count by their own ``wal-deliver`` record.
+    """
+    origin = item.headers.get(topics.SOURCE) or ""
+    parts = origin.rsplit("/", 2)
+    if item.headers.get(topics.TARGET) or len(parts) != 3:
+        return item.source
+    topic, partition, offset = parts
+    if not (partition.isdigit() and offset.isdigit()):
+        return item.source
+    through = item.source.rsplit("/", 2)[1]
+    return f"{topic}/{partition}:{through}/{offset}"
 
 
 def _count_delivered(
@@ -752,6 +776,7 @@ def _count_delivered(
     now = time.time()
     latency = metrics.END_TO_END_SECONDS.labels(namespace)
     waits = _latencies[(namespace, identifier)]  # since the last stats delta: other calls' too
+    sources = _tally[(namespace, identifier, "delivered")]
     delivered = 0
     for member, outcome in zip(members, outcomes, strict=True):
         if outcome.ok:
@@ -760,29 +785,25 @@ def _count_delivered(
                 seconds = max(0.0, now - int(received) / 1000)
                 latency.observe(seconds)
                 waits.append(int(seconds * 1000))
-                delivered += 1
+            sources.append(_origin(member))
+            delivered += 1
     metrics.MESSAGES.labels(namespace, "deliver", "delivered").inc(delivered)
 
 
 def _stats_deltas() -> list[Record]:
-    """This batch's outcomes as ``wal-stats`` records (durable with the batch's output)."""
+    """The outcomes counted since the last call as ``wal-stats`` records (durable with the
+    batch's output), one per (namespace, target), naming the records they count."""
+    per_call: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(dict)
+    for (ns, target, outcome), sources in _tally.items():
+        per_call[(ns, target)][outcome] = sources
     records = [
-        stats.delta(ns, target=target, delivered=len(waits), latency_ms=waits)
-        for (ns, target), waits in _latencies.items()
-        if waits
-    ]
-    by_namespace: dict[str, dict[str, int]] = defaultdict(dict)
-    for (ns, outcome), n in _tally.items():
-        by_namespace[ns][outcome] = n
-    records += [
         stats.delta(
             ns,
-            retried=c.get("retried", 0),
-            dead_lettered=c.get("dead_lettered", 0),
-            dropped=c.get("dropped", 0),
-            parked=c.get("parked", 0),
+            target=target or None,
+            sources=sources,
+            latency_ms=_latencies.get((ns, target)),
         )
-        for ns, c in by_namespace.items()
+        for (ns, target), sources in per_call.items()
     ]
     _latencies.clear()
     _tally.clear()
@@ -796,7 +817,7 @@ def _dead_letter(item: Item, code: str, message: str, target: str | None = None)
     step = "dropped" if _dlq_disabled(item) else "dead_lettered"
     _note(item, step, target, code=code, message=message[:300])
     if _dlq_disabled(item):
-        _count(name, "dropped")
+        _count(item, target, "dropped")
         message_id = item.headers.get(topics.MESSAGE_ID)
         log.warning(
             "dropped %s (DLQ disabled): %s: %s",
@@ -806,7 +827,7 @@ def _dead_letter(item: Item, code: str, message: str, target: str | None = None)
             extra={"message_id": message_id, "namespace": name},
         )
         return None
-    _count(name, "dead_lettered")
+    _count(item, target, "dead_lettered")
     now = str(int(time.time() * 1000))
     headers: dict[str, str | None] = dict(item.headers)
     headers.update(

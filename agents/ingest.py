@@ -304,7 +304,7 @@ async def _ingest_batch(batch: Batch) -> None:
     for name, n in _accepted.items():
         metrics.MESSAGES.labels(name, "ingest", "accepted").inc(n)
     _accepted.clear()
-    records += _stats_deltas(records)
+    records += _stats_deltas(batch.records, records)
     records += STATUS.drain(topics.NAMES["status"], settings.partitions)
     await topics.emit_until_durable(records, what=f"{len(records)} ingest records")
     batch.ack()
@@ -358,18 +358,16 @@ def _route(message: Any) -> Record:
     return record
 
 
-def _stats_deltas(records: list[Record]) -> list[Record]:
-    """The batch's accepted/rejected counts per namespace, as ``wal-stats`` records."""
-    counts: dict[str, dict[str, int]] = {}
-    for record in records:
+def _stats_deltas(messages: list[Any], records: list[Record]) -> list[Record]:
+    """The batch's accepted/rejected requests per namespace, as ``wal-stats`` records
+    naming the ingest records they count (a batch re-read after a crash counts once)."""
+    sources: dict[str, dict[str, list[str]]] = {}
+    for message, record in zip(messages, records, strict=True):
         name = record.headers.get(topics.NAMESPACE) or metrics.UNKNOWN
         outcome = "rejected" if record.headers.get(topics.ERROR_CODE) else "accepted"
-        per = counts.setdefault(name, {})
-        per[outcome] = per.get(outcome, 0) + 1
-    return [
-        stats.delta(name, accepted=per.get("accepted", 0), rejected=per.get("rejected", 0))
-        for name, per in counts.items()
-    ]
+        listed = sources.setdefault(name, {}).setdefault(outcome, [])
+        listed.append(f"{message.topic}/{message.partition}/{message.offset}")
+    return [stats.delta(name, sources=per) for name, per in sources.items()]
 
 
 def _count_rejected(namespace: Namespace | None, code: str) -> None:

@@ -117,6 +117,7 @@ def _namespaces(namespaces: Sequence[Mapping[str, Any]]) -> str:
             "Retried",
             "Dead-lettered",
             "Rejected",
+            "Re-read",
             "Delivered/s 1m · 5m · 1h",
             "p99 latency (5m · 1h)",
             "Own DLQ depth",
@@ -135,7 +136,7 @@ def _namespaces(namespaces: Sequence[Mapping[str, Any]]) -> str:
         cells = [
             name,
             *(_int(_total(ns, o)) for o in ("accepted", "delivered", "retried")),
-            *(_int(_total(ns, o)) for o in ("dead_lettered", "rejected")),
+            *(_int(_total(ns, o)) for o in ("dead_lettered", "rejected", "replayed")),
             rates,
             latency,
             (
@@ -144,9 +145,19 @@ def _namespaces(namespaces: Sequence[Mapping[str, Any]]) -> str:
                 else f"{_int(dlq.get('depth'))} <small>{_e(dlq.get('topic'))}</small>"
             ),
         ]
-        rows.append(_row("td", cells, raw=True, numeric=range(1, 6)))
-    empty = "<tr><td colspan='9' class='muted'>no namespaces</td></tr>"
-    return _section("Namespaces", head + ("".join(rows) or empty))
+        rows.append(_row("td", cells, raw=True, numeric=range(1, 7)))
+    empty = "<tr><td colspan='10' class='muted'>no namespaces</td></tr>"
+    return _section("Namespaces", head + ("".join(rows) or empty)) + _COUNTS_LEGEND
+
+
+#: What the namespace counts are (README "Operations"); each record is counted once.
+_COUNTS_LEGEND = (
+    "<p class='muted'><small>Accepted and rejected count requests read from the ingest topic;"
+    " delivered, retried and dead-lettered count deliver records once per target. A record"
+    " read again after a crash or a rebalance is not counted again: it shows under"
+    " Re-read. A request a client sent twice is two requests; SQL and Redis targets apply"
+    " it once.</small></p>"
+)
 
 
 def _circuits(circuits: Sequence[Mapping[str, Any]]) -> str:

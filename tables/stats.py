@@ -16,9 +16,16 @@ Memory is bounded per namespace: 60 minute buckets, 128 latency buckets each,
 
 Replays: each folded value remembers the last ``wal-stats`` offset it took per
 partition, so refolding a batch after a crash (the table's changelog may be
-ahead of the committed offsets) counts nothing twice. A delta emitted twice -
-its agent's batch replayed after a crash - does count twice: these are
-operational numbers, at-least-once; the targets' ledgers are the exact ones.
+ahead of the committed offsets) counts nothing twice. And a delta names the
+source records it counts (``topic/partition`` → offset ranges, per outcome):
+the value remembers which source records it has counted, per target and source
+partition (:class:`Seen`), so an agent's batch re-read after a crash or a
+rebalance counts its records once, not again. What it re-reads is counted
+apart, as ``replayed``. The totals therefore count *source records*: each
+request read from ``wal-ingest`` once (``accepted``/``rejected``), each
+``wal-deliver`` record once per target (``delivered``, ``retried``, ...). A
+client that sends the same write twice sends two records; the targets' ledgers
+apply it once.
 
 The table is keyed by namespace name and uses the producer's partitioner, so
 its changelog partitions line up with ``wal-stats``'s: the worker that folds
@@ -39,8 +46,18 @@ from app.fleet import fleet, settings
 from app.topics import NAMES, NAMESPACE, Record
 
 OUTCOMES = ("accepted", "rejected", "delivered", "retried", "dead_lettered", "dropped", "parked")
+#: Source records re-read after a crash or a rebalance, not counted again (see the docstring).
+REPLAYED = "replayed"
 MINUTES = 60
 MAX_TARGETS = 64
+#: Counted offsets per (target, source partition) are kept as at most this many ranges;
+#: past it the lowest two merge. The offsets between them are other namespaces' (or
+#: other deliver partitions'), never to be counted here: each source partition's
+#: records reach a target in order, so only a delta more than this many runs late
+#: would find its offsets taken as counted.
+MAX_RANGES = 32
+#: At most this many (target, source partition) pairs are remembered per namespace.
+MAX_SEEN = 4096
 #: Latency buckets: 0 holds < 1 ms; i >= 1 holds [2**((i-1)/4), 2**(i/4)) ms; the last
 #: one everything longer (2**(127/4) ms is about 41 days: delays last at most 7).
 LATENCY_BUCKETS = 128
@@ -75,6 +92,8 @@ class Delta:
     counts: dict[str, int]
     target: str | None = None
     latency: Sketch = field(default_factory=dict)
+    #: outcome -> source ``topic/partition`` -> offset ranges (inclusive) the count covers.
+    sources: dict[str, dict[str, list[tuple[int, int]]]] = field(default_factory=dict)
 
 
 def delta(
@@ -90,13 +109,18 @@ def delta(
     target: str | None = None,
     latency_ms: list[int] | None = None,
     at_ms: int | None = None,
+    sources: Mapping[str, Iterable[str]] | None = None,
 ) -> Record:
     """The ``wal-stats`` record reporting one batch's outcomes for ``namespace``.
 
     Append it to the records the batch emits (same acks). ``latency_ms`` are the
     end-to-end latencies of the writes delivered; they travel as a sketch, so the
     record stays small whatever the batch size. Zero counts are left out.
+    ``sources`` names, per outcome, the records counted (``topic/partition/offset``,
+    as :attr:`agents.deliver.Item.source`); their number is that outcome's count,
+    and the fold counts each once however often it is re-read.
     """
+    named = {outcome: _ranges(listed) for outcome, listed in (sources or {}).items()}
     given = dict(
         accepted=accepted,
         rejected=rejected,
@@ -106,6 +130,8 @@ def delta(
         dropped=dropped,
         parked=parked,
     )
+    for outcome, per_partition in named.items():
+        given[outcome] = sum(hi - lo + 1 for r in per_partition.values() for lo, hi in r)
     value: dict[str, Any] = {
         "ns": namespace,
         "at": int(time.time() * 1000) if at_ms is None else at_ms,
@@ -115,7 +141,31 @@ def delta(
         value["t"] = target
     if latency_ms:
         value["l"] = {str(i): n for i, n in sketch(latency_ms).items()}
+    if named:
+        value["o"] = {
+            outcome: {tp: [x for r in ranges for x in r] for tp, ranges in per_partition.items()}
+            for outcome, per_partition in named.items()
+            if per_partition
+        }
     return Record(NAMES["stats"], namespace.encode(), orjson.dumps(value), {NAMESPACE: namespace})
+
+
+def _ranges(listed: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
+    """``topic/partition/offset`` strings → ``topic/partition`` → sorted inclusive ranges."""
+    offsets: dict[str, set[int]] = {}
+    for source in listed:
+        where, _, offset = source.rpartition("/")
+        offsets.setdefault(where, set()).add(int(offset))
+    out: dict[str, list[tuple[int, int]]] = {}
+    for where, found in offsets.items():
+        ranges: list[tuple[int, int]] = []
+        for o in sorted(found):
+            if ranges and ranges[-1][1] == o - 1:
+                ranges[-1] = (ranges[-1][0], o)
+            else:
+                ranges.append((o, o))
+        out[where] = ranges
+    return out
 
 
 def parse(raw: bytes | None) -> Delta:
@@ -140,7 +190,26 @@ def parse(raw: bytes | None) -> Delta:
         counts={k: _count(v) for k, v in counts.items() if k in OUTCOMES},
         target=target or None,
         latency={_bucket_index(k): _count(v) for k, v in latency.items()},
+        sources=_parse_sources(data.get("o", {})),
     )
+
+
+def _parse_sources(raw: Any) -> dict[str, dict[str, list[tuple[int, int]]]]:
+    if not isinstance(raw, dict):
+        raise ValueError("not a stats delta (bad sources)")
+    out: dict[str, dict[str, list[tuple[int, int]]]] = {}
+    for outcome, per_partition in raw.items():
+        if outcome not in OUTCOMES or not isinstance(per_partition, dict):
+            continue
+        parsed = out.setdefault(outcome, {})
+        for where, flat in per_partition.items():
+            if not isinstance(flat, list) or len(flat) % 2:
+                raise ValueError(f"not a stats delta (bad ranges for {where!r})")
+            pairs = [(_count(lo), _count(hi)) for lo, hi in zip(flat[::2], flat[1::2], strict=True)]
+            if any(lo > hi for lo, hi in pairs):
+                raise ValueError(f"not a stats delta (empty range for {where!r})")
+            parsed[str(where)] = pairs
+    return out
 
 
 def _count(value: Any) -> int:
@@ -222,6 +291,8 @@ class NamespaceStats:
     minutes: dict[int, Minute] = field(default_factory=dict)  # minute (epoch s // 60) -> bucket
     latency: Sketch = field(default_factory=dict)
     offsets: dict[int, int] = field(default_factory=dict)  # wal-stats partition -> last folded
+    #: "target|topic/partition" (target empty for ingest) -> source offset ranges counted.
+    seen: dict[str, list[list[int]]] = field(default_factory=dict)
     updated_ms: int = 0
 
     def dumps(self) -> bytes:
@@ -235,6 +306,7 @@ class NamespaceStats:
                 },
                 "latency": _str_keys(self.latency),
                 "offsets": _str_keys(self.offsets),
+                "seen": self.seen,
                 "updated": self.updated_ms,
             }
         )
@@ -250,6 +322,7 @@ class NamespaceStats:
             minutes={int(m): Minute(b["c"], _int_keys(b["l"])) for m, b in data["minutes"].items()},
             latency=_int_keys(data["latency"]),
             offsets=_int_keys(data["offsets"]),
+            seen=data.get("seen") or {},
             updated_ms=data["updated"],
         )
 
@@ -267,18 +340,59 @@ def fold(value: NamespaceStats, d: Delta, *, partition: int, offset: int, now_ms
     if offset <= value.offsets.get(partition, -1):
         return False
     value.offsets[partition] = offset
-    _add(value.totals, d.counts)
+    counts, latency = _first_reads(value, d)
+    _add(value.totals, counts)
     if d.target and (d.target in value.targets or len(value.targets) < MAX_TARGETS):
-        _add(value.targets.setdefault(d.target, {}), d.counts)
-    merge(value.latency, d.latency)
+        _add(value.targets.setdefault(d.target, {}), counts)
+    merge(value.latency, latency)
     minute = d.at_ms // 60_000
     if now_ms // 60_000 - MINUTES < minute and d.at_ms <= now_ms + _CLOCK_SKEW_MS:
         bucket = value.minutes.setdefault(minute, Minute())
-        _add(bucket.counts, d.counts)
-        merge(bucket.latency, d.latency)
+        _add(bucket.counts, counts)
+        merge(bucket.latency, latency)
     prune(value, now_ms)
     value.updated_ms = max(value.updated_ms, now_ms)
     return True
+
+
+def _first_reads(value: NamespaceStats, d: Delta) -> tuple[dict[str, int], Sketch]:
+    """The delta's counts without the source records counted before (those go to
+    ``replayed``), and its latency sketch unless some of its deliveries were replays."""
+    counts = dict(d.counts)
+    replayed: dict[str, int] = {}
+    for outcome, per_partition in d.sources.items():
+        fresh = 0
+        for where, ranges in per_partition.items():
+            key = f"{d.target or ''}|{where}"
+            if key not in value.seen and len(value.seen) >= MAX_SEEN:
+                fresh += sum(hi - lo + 1 for lo, hi in ranges)  # not remembered: counted
+                continue
+            seen = value.seen.setdefault(key, [])
+            for lo, hi in ranges:
+                before = covered(seen, lo, hi)
+                fresh += hi - lo + 1 - before
+                replayed[outcome] = replayed.get(outcome, 0) + before
+                cover(seen, lo, hi)
+            if len(seen) > MAX_RANGES:
+                seen[: len(seen) - MAX_RANGES + 1] = [[seen[0][0], seen[-MAX_RANGES][1]]]
+        counts[outcome] = fresh
+    if sum(replayed.values()):
+        counts[REPLAYED] = counts.get(REPLAYED, 0) + sum(replayed.values())
+    latency = {} if replayed.get("delivered") else d.latency
+    return {k: n for k, n in counts.items() if n}, latency
+
+
+def covered(ranges: list[list[int]], lo: int, hi: int) -> int:
+    """How many offsets of ``lo..hi`` the sorted, disjoint ``ranges`` hold."""
+    return sum(max(0, min(hi, b) - max(lo, a) + 1) for a, b in ranges if a <= hi and b >= lo)
+
+
+def cover(ranges: list[list[int]], lo: int, hi: int) -> None:
+    """Add ``lo..hi`` to the sorted, disjoint ``ranges``, merging what touches it."""
+    keep = [r for r in ranges if r[1] < lo - 1 or r[0] > hi + 1]
+    touching = [r for r in ranges if not (r[1] < lo - 1 or r[0] > hi + 1)]
+    merged = [min([lo, *(r[0] for r in touching)]), max([hi, *(r[1] for r in touching)])]
+    ranges[:] = sorted([*keep, merged])
 
 
 def _add(into: dict[str, int], counts: Mapping[str, int]) -> None:
@@ -339,7 +453,7 @@ def summary(namespace: str, value: NamespaceStats, now_ms: int) -> dict[str, Any
     """What ``GET /wal/namespaces/{name}/metrics`` answers."""
     return {
         "namespace": namespace,
-        "totals": {o: value.totals.get(o, 0) for o in OUTCOMES},
+        "totals": {o: value.totals.get(o, 0) for o in (*OUTCOMES, REPLAYED)},
         "targets": {t: dict(sorted(c.items())) for t, c in sorted(value.targets.items())},
         "rates": rates(value, now_ms),
         "latencyMs": latency_summary(value, now_ms),

@@ -66,9 +66,7 @@ def private_broker(tmp_path: Path) -> Iterator[Settings]:
 
 
 @pytest.fixture
-def own_broker(
-    fleet: Fleet, private_broker: Settings, monkeypatch: pytest.MonkeyPatch
-) -> Settings:
+def own_broker(fleet: Fleet, private_broker: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """:func:`private_broker`, with this test's fleet and the harness's clients on it."""
     monkeypatch.setattr(
         "tests.integration.harness.BOOTSTRAP", private_broker.broker.removeprefix("kafka://")

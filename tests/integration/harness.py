@@ -26,6 +26,7 @@ import orjson
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from app import stack
 from app.settings import Settings
@@ -290,6 +291,37 @@ async def committed_count(group: str, topic: str) -> int:
     finally:
         await admin.close()
     return sum(o.offset for tp, o in committed.items() if tp.topic == topic and o.offset > 0)
+
+
+async def messages_total(url: str, outcome: str) -> float:
+    """``wal_messages_total{outcome=...}`` of the worker at ``url``, every label summed."""
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        text = (await client.get(f"{url}/metrics")).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "wal_messages_total" and s.labels.get("outcome") == outcome
+    )
+
+
+async def totals(worker: Worker, namespace: str, **want: int) -> dict[str, int]:
+    """The namespace's totals from the metrics view, once they hold ``want`` (stats trail
+    the stream by a batch or two); an assertion naming both when they never do."""
+    last: dict[str, int] = {}
+
+    async def check() -> dict[str, int] | None:
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            r = await client.get(f"{worker.url}/wal/namespaces/{namespace}/metrics")
+        last.clear()
+        last.update(r.json()["totals"] if r.status_code == 200 else {})
+        return dict(last) if all(last.get(k) == v for k, v in want.items()) else None
+
+    try:
+        found: dict[str, int] = await eventually(check, timeout=60, what=f"{namespace}'s totals")
+    except AssertionError:
+        raise AssertionError(f"{namespace}'s totals: want {want}, have {last}") from None
+    return found
 
 
 def kafka_pid(settings: Settings) -> int:

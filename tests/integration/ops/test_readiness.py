@@ -20,12 +20,13 @@ from tests.integration.harness import (
     Fleet,
     Worker,
     eventually,
-    insert_only,
     kafka_pid,
     pg_query,
     produce,
     request,
+    totals,
 )
+from tests.integration.ops.test_broker_kill import TOTAL, streaming
 from tests.integration.targets.target_services import Webhook
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
@@ -99,17 +100,7 @@ async def test_a_paused_broker_makes_the_worker_not_ready_until_it_is_back(
 ) -> None:
     fleet.extra_env["WAL_STALL_AFTER_S"] = "3"
     table = f"rd_{uuid.uuid4().hex[:8]}"
-    fleet.apply(insert_only(table))
-    worker = await fleet.worker(WAL_BATCH_SIZE="200").ready()
-    total = 20_000
-    await produce(
-        fleet.topic("ingest"), (request("orders", {"seq": i, "body": "b"}) for i in range(total))
-    )
-
-    async def some_rows() -> bool:
-        return int(pg_query(f'SELECT count(*) FROM "{table}"')[0][0]) >= 500
-
-    await eventually(some_rows, timeout=60, what="some rows")
+    worker, total = await streaming(fleet, table), TOTAL
     pid = kafka_pid(own_broker)
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -137,3 +128,5 @@ async def test_a_paused_broker_makes_the_worker_not_ready_until_it_is_back(
     count, distinct = pg_query(f'SELECT count(*), count(DISTINCT seq) FROM "{table}"')[0]
     assert (count, distinct) == (total, total)
     worker.assert_alive()
+    counted = await totals(worker, "orders", accepted=total, delivered=total)
+    print(f"broker paused; {count} rows, {distinct} distinct; re-read {counted['replayed']}")

@@ -36,9 +36,7 @@ async def test_sigterm_with_the_broker_frozen_exits_at_the_deadline_and_loses_no
     fleet: Fleet, own_broker: Settings
 ) -> None:
     # the records go to this test's own broker, which it freezes
-    fleet.extra_env.update(
-        {"WAL_SHUTDOWN_TIMEOUT_S": str(DEADLINE_S), "WAL_STALL_AFTER_S": "3"}
-    )
+    fleet.extra_env.update({"WAL_SHUTDOWN_TIMEOUT_S": str(DEADLINE_S), "WAL_STALL_AFTER_S": "3"})
     table = f"sd_{fleet.prefix}"
     fleet.apply(insert_only(table))
     total = 20_000

@@ -54,6 +54,7 @@ def deltas_for(names: list[str]) -> tuple[list[bytes], list[bytes], dict[str, di
             "dead_lettered": 1,
             "dropped": 0,
             "parked": 0,
+            "replayed": 0,
         }
     return keys, values, expected
 

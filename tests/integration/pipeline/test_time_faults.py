@@ -6,12 +6,12 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.harness import (
     Fleet,
     eventually,
     group_lag,
+    messages_total,
     pg_count,
     pg_query,
     produce,
@@ -57,19 +57,6 @@ def create_table(table: str) -> None:
     )
 
 
-async def retried(url: str) -> float:
-    import httpx
-
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"{url}/metrics")).text
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == "wal_messages_total" and s.labels.get("outcome") == "retried"
-    )
-
-
 async def test_sigkill_while_messages_wait_in_delay_and_retry_tiers(
     fleet: Fleet, pg_proxy: TcpProxy
 ) -> None:
@@ -91,7 +78,7 @@ async def test_sigkill_while_messages_wait_in_delay_and_retry_tiers(
     )
 
     async def all_failed_once() -> bool:
-        return await retried(first.url) >= 500
+        return await messages_total(first.url, "retried") >= 500
 
     await eventually(all_failed_once, timeout=60, what="500 writes in the retry tiers")
     first.kill9()

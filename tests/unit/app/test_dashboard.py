@@ -142,7 +142,7 @@ def test_empty_fleet_and_unknown_numbers_render() -> None:
     ns = {"name": "fresh", "dlq": {"topic": "wal-dlq", "depth": None}}
     text = read(render(fleet_data(namespaces=[ns]))).text
     dash = "\N{EN DASH}"
-    assert f"fresh 0 0 0 0 0 0.0 · 0.0 · 0.0 {dash} · {dash} {dash} wal-dlq" in text
+    assert f"fresh 0 0 0 0 0 0 0.0 · 0.0 · 0.0 {dash} · {dash} {dash} wal-dlq" in text
 
 
 def test_a_stalled_partition_is_named_beside_its_worker() -> None:

@@ -125,7 +125,10 @@ def kustomize() -> Path:
 
 def test_the_kustomize_build_validates_strictly() -> None:
     built = subprocess.run(
-        [str(kustomize()), "build", str(K8S)], capture_output=True, text=True, timeout=60,
+        [str(kustomize()), "build", str(K8S)],
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=True,
     ).stdout
     docs = [doc for doc in yaml.safe_load_all(built) if doc]

@@ -8,6 +8,7 @@ import pytest
 from app.topics import NAMES
 from tables.stats import (
     LATENCY_BUCKETS,
+    MAX_RANGES,
     MAX_TARGETS,
     MINUTES,
     Delta,
@@ -56,6 +57,9 @@ def test_delta_is_a_compact_record_keyed_by_namespace() -> None:
         b'{"ns": "a", "at": 1, "c": {}, "l": {"999": 1}}',
         b'{"ns": "a", "at": "later", "c": {}}',
         b'{"ns": "a", "at": 1, "c": {}, "t": 7}',
+        b'{"ns": "a", "at": 1, "c": {}, "o": []}',
+        b'{"ns": "a", "at": 1, "c": {}, "o": {"accepted": {"wal-ingest/0": [1]}}}',
+        b'{"ns": "a", "at": 1, "c": {}, "o": {"accepted": {"wal-ingest/0": [5, 1]}}}',
         None,
     ],
 )
@@ -94,6 +98,71 @@ def test_a_replayed_offset_is_not_counted_twice() -> None:
     assert value.totals == {"delivered": 10}
     again = NamespaceStats.loads(value.dumps())  # the guard survives the changelog
     assert not fold(again, d, partition=1, offset=41, now_ms=T0)
+
+
+def sources(topic_partition: str, offsets: range | list[int]) -> list[str]:
+    return [f"{topic_partition}/{o}" for o in offsets]
+
+
+def test_a_source_record_re_read_after_a_crash_counts_once_and_as_replayed() -> None:
+    value = NamespaceStats()
+    first = delta("orders", sources={"accepted": sources("wal-ingest/3", range(100, 150))})
+    assert parse(first.value).counts == {"accepted": 50}
+    fold(value, parse(first.value), partition=0, offset=1, now_ms=T0)
+    # the worker died before its commit: another re-reads 100.. in a larger batch, with
+    # a rejected record among them
+    again = delta(
+        "orders",
+        sources={
+            "accepted": sources("wal-ingest/3", [*range(100, 120), *range(121, 200)]),
+            "rejected": sources("wal-ingest/3", [120]),
+        },
+    )
+    fold(value, parse(again.value), partition=0, offset=2, now_ms=T0)
+    assert value.totals == {"accepted": 100, "replayed": 50}  # 120 was counted as accepted
+    assert value.seen == {"|wal-ingest/3": [[100, 199]]}
+    kept = NamespaceStats.loads(value.dumps())  # what is counted survives the changelog
+    fold(kept, parse(again.value), partition=0, offset=3, now_ms=T0)
+    assert kept.totals == {"accepted": 100, "replayed": 150}
+
+
+def test_each_target_counts_the_same_record_once_and_late_deltas_still_count() -> None:
+    value = NamespaceStats()
+    for offset, (target, listed) in enumerate(
+        [
+            ("pg", range(0, 10)),
+            ("cache", range(0, 10)),  # the same records, another target
+            ("pg", range(20, 30)),
+            ("pg", range(10, 20)),  # a slow call's outcomes, after the next batch's
+            ("pg", range(5, 25)),  # all seen
+        ]
+    ):
+        d = delta("orders", target=target, sources={"delivered": sources("wal-deliver/0", listed)})
+        fold(value, parse(d.value), partition=0, offset=offset, now_ms=T0)
+    assert value.totals == {"delivered": 40, "replayed": 20}
+    assert value.targets["pg"] == {"delivered": 30, "replayed": 20}
+
+
+def test_latencies_of_replayed_deliveries_are_not_counted_again() -> None:
+    value = NamespaceStats()
+    listed = sources("wal-deliver/1", range(5))
+    d = delta("orders", target="pg", sources={"delivered": listed}, latency_ms=[10] * 5)
+    fold(value, parse(d.value), partition=0, offset=0, now_ms=T0)
+    fold(value, parse(d.value), partition=0, offset=1, now_ms=T0)
+    assert sum(value.latency.values()) == 5
+
+
+def test_counted_offsets_stay_bounded_when_namespaces_interleave() -> None:
+    value = NamespaceStats()
+    for batch in range(200):  # every other offset is another namespace's
+        listed = sources("wal-deliver/0", range(batch * 20, batch * 20 + 10, 2))
+        d = delta("orders", target="pg", sources={"delivered": listed})
+        fold(value, parse(d.value), partition=0, offset=batch, now_ms=T0)
+    assert value.totals == {"delivered": 1000}
+    assert len(value.seen["pg|wal-deliver/0"]) <= MAX_RANGES
+    d = delta("orders", target="pg", sources={"delivered": sources("wal-deliver/0", [3980, 3982])})
+    fold(value, parse(d.value), partition=0, offset=999, now_ms=T0)
+    assert value.totals == {"delivered": 1000, "replayed": 2}
 
 
 def test_rates_over_one_five_and_sixty_minutes() -> None:
