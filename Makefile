@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The stack module itself rather than `wal stack`: it imports no Faust app.
-STACK := $(PY) -m app.stack
+STACK := $(PY) -m app.ops.stack
 NAMESPACES := deploy/local/namespaces.yaml
 CODE := app agents tables targets
 

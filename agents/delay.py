@@ -20,7 +20,7 @@ memory does not depend on how many records wait.
 
 Acks: a record is acked once its forward is acknowledged by Kafka. Held and
 parked records are not acked, and the consumer commits no further than the
-first unacked offset of a partition (:mod:`app.consumer`), so the committed
+first unacked offset of a partition (:mod:`app.engine.consumer`), so the committed
 offset never passes a record still waiting; a crash replays at most the
 records forwarded but not yet committed, and a replayed forward carries the
 same message id, which targets apply once.
@@ -38,10 +38,12 @@ from typing import Any
 
 from faust.types import TP
 
-from app import topics
-from app.batching import batches
+from app import names, topics
+from app.engine import producing
+from app.engine.batching import batches
 from app.fleet import fleet, settings
-from app.topics import DELAY_TIERS, Record, delay_topics, tier_name
+from app.names import Record, tier_name
+from app.topics import DELAY_TIERS, delay_topics
 
 #: A record this close to its due time goes to delivery rather than another hop.
 DUE_SLACK_MS = 20
@@ -59,8 +61,8 @@ def wake_at_ms(produced_ms: int, due_ms: int, tier_seconds: int) -> int:
 
 def forward(message: Any, now_ms: int) -> Record:
     """Where a record goes when it wakes: delivery if due, else the tier that fits."""
-    headers = topics.decode_headers(message.headers)
-    due_ms = int(headers.get(topics.DUE_AT) or 0)
+    headers = names.decode_headers(message.headers)
+    due_ms = int(headers.get(names.DUE_AT) or 0)
     remaining = due_ms - now_ms
     topic = (
         topics.NAMES["deliver"] if remaining <= DUE_SLACK_MS else topics.delay_topic_for(remaining)
@@ -78,7 +80,7 @@ class _Parked:
 class Parking:
     """The partitions of one tier whose head record is not awake yet.
 
-    ``consumer`` is Faust's consumer (:class:`app.consumer.StrictConsumer`):
+    ``consumer`` is Faust's consumer (:class:`app.engine.consumer.StrictConsumer`):
     ``pause_partitions``, ``resume_partitions``, ``seek``, ``assignment`` and
     ``release``.
     """
@@ -210,8 +212,8 @@ def _make_agent(tier_seconds: int) -> Any:
                     message = event.message
                     if not parking.passes(message):
                         continue
-                    headers = topics.decode_headers(message.headers)
-                    due_ms = int(headers.get(topics.DUE_AT) or 0)
+                    headers = names.decode_headers(message.headers)
+                    due_ms = int(headers.get(names.DUE_AT) or 0)
                     produced_ms = int((message.timestamp or now_ms / 1000) * 1000)
                     wake_ms = wake_at_ms(produced_ms, due_ms, tier_seconds)
                     if wake_ms - now_ms > LEAD_MS:
@@ -237,7 +239,7 @@ def _make_agent(tier_seconds: int) -> Any:
 async def _flush(stream: Any, ready: list[tuple[Any, Record]]) -> None:
     if not ready:
         return
-    await topics.emit_until_durable([r for _, r in ready], what=f"{len(ready)} delayed records")
+    await producing.emit_until_durable([r for _, r in ready], what=f"{len(ready)} delayed records")
     for event, _ in ready:
         await stream.ack(event)
     ready.clear()

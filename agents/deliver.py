@@ -54,12 +54,14 @@ from typing import Any
 
 import orjson
 
-from app import backoff, metrics, topics
+from app import backoff, metrics, names, topics
+from app.engine import producing
+from app.engine.lanes import Batch, each_batch
 from app.errors import ConfigError
 from app.fleet import fleet, settings
-from app.lanes import Batch, each_batch
 from app.models import Lifecycle, Namespace, TargetDef, TargetRef, WriteRequest
-from app.topics import Record, deliver_topic
+from app.names import Record
+from app.topics import deliver_topic
 from tables import ordering, stats, transactions
 from tables.namespaces import all_names, lookup
 from tables.status import Collector
@@ -120,7 +122,7 @@ class Item:
     @property
     def attempt(self) -> int:
         try:
-            return max(1, int(self.headers.get(topics.ATTEMPT) or 1))
+            return max(1, int(self.headers.get(names.ATTEMPT) or 1))
         except ValueError:
             return 1
 
@@ -253,7 +255,7 @@ async def _deliver_batch(batch: Batch) -> None:
         extra={"agent": "deliver", "count": len(batch)},
     )
     if follow_ups:  # what is decided goes out now (a transaction waits for its outcomes)
-        await topics.emit_until_durable(follow_ups, what=f"{len(follow_ups)} follow-ups")
+        await producing.emit_until_durable(follow_ups, what=f"{len(follow_ups)} follow-ups")
     finishing = asyncio.ensure_future(_finish_late(batch, [], late))
     _late_batches.add(finishing)
     finishing.add_done_callback(_late_batches.discard)
@@ -292,7 +294,8 @@ async def _finish(batch: Batch, follow_ups: list[Record]) -> None:
     follow_ups += _stats_deltas()
     follow_ups += STATUS.drain(topics.NAMES["status"], settings.partitions)
     if follow_ups:
-        await topics.emit_until_durable(follow_ups, what=f"{len(follow_ups)} retries/dead letters")
+        what = f"{len(follow_ups)} retries/dead letters"
+        await producing.emit_until_durable(follow_ups, what=what)
     batch.ack()
     log.info(
         "delivered a batch of %d (%d follow-up records)",
@@ -306,7 +309,7 @@ def _item(message: Any) -> Item:
     """One ``wal-deliver`` record (aiokafka's ``ConsumerRecord``) as an item."""
     return Item(
         raw=message.value,
-        headers=topics.decode_headers(message.headers),
+        headers=names.decode_headers(message.headers),
         key=message.key,
         source=f"{message.topic}/{message.partition}/{message.offset}",
     )
@@ -331,10 +334,10 @@ def _plan(item: Item) -> Record | None:
         item.request = request
         namespace, payload, refs = found, request.payload, request.targets
     item.namespace = namespace
-    message_id = item.headers.get(topics.MESSAGE_ID) or (item.request and item.request.message_id)
+    message_id = item.headers.get(names.MESSAGE_ID) or (item.request and item.request.message_id)
     if not message_id:
         return _dead_letter(item, "VALIDATION_ERROR", "record has no wal-message-id header")
-    only = item.headers.get(topics.TARGET)  # a retry is for one target only
+    only = item.headers.get(names.TARGET)  # a retry is for one target only
     for definition, ref in _targets_of(namespace, refs):
         if only and definition.identifier != only:
             continue
@@ -345,8 +348,8 @@ def _plan(item: Item) -> Record | None:
             payload=payload,
             operation=options.get("operation"),
             options=options,
-            received_at_ms=int(item.headers.get(topics.RECEIVED_AT) or 0),
-            headers={h: v for h in topics.PASSTHROUGH if (v := item.headers.get(h))},
+            received_at_ms=int(item.headers.get(names.RECEIVED_AT) or 0),
+            headers={h: v for h in names.PASSTHROUGH if (v := item.headers.get(h))},
         )
     return None
 
@@ -360,7 +363,7 @@ def _as_admitted(item: Item) -> tuple[Namespace, dict[str, Any]] | None:
     other record (written here by something else, or naming targets) is
     validated in full by the caller.
     """
-    if not item.headers.get(topics.MESSAGE_ID):
+    if not item.headers.get(names.MESSAGE_ID):
         return None
     try:
         data = orjson.loads(item.raw or b"null")
@@ -581,7 +584,7 @@ def _next_step(
     record, final = (None, True) if outcome.ok else _after_failure(item, identifier, outcome)
     if outcome.ok:
         _note(item, "delivered", identifier)
-    if outcome.ok and item.headers.get(topics.TRANSACTION_ID):
+    if outcome.ok and item.headers.get(names.TRANSACTION_ID):
         record = _mutation_outcome(item, None)  # the transaction decides what follows
     if not _ordered(item):
         return record
@@ -591,7 +594,7 @@ def _next_step(
     if not final:  # going round again: the key waits behind it
         assert record is not None
         per_target[identifier], seq = ordering.block(per_target.get(identifier), message_id, seq)
-        return replace(record, headers={**record.headers, topics.ORDER_SEQ: str(seq)})
+        return replace(record, headers={**record.headers, names.ORDER_SEQ: str(seq)})
     released = ordering.release(per_target.get(identifier), message_id, seq)
     if released is None:
         per_target.pop(identifier, None)
@@ -603,18 +606,18 @@ def _next_step(
 def _mutation_outcome(item: Item, error: str | None) -> Record:
     """A mutation's final outcome, for its transaction (``error`` None: completed)."""
     return transactions.outcome(
-        item.headers[topics.TRANSACTION_ID],
-        int(item.headers.get(topics.MUTATION_INDEX) or 0),
-        item.headers.get(topics.MUTATION_KIND) or "forward",
+        item.headers[names.TRANSACTION_ID],
+        int(item.headers.get(names.MUTATION_INDEX) or 0),
+        item.headers.get(names.MUTATION_KIND) or "forward",
         error is None,
         error,
     )
 
 
 def _carried_seq(item: Item, identifier: str) -> int | None:
-    if item.headers.get(topics.TARGET) != identifier or not item.headers.get(topics.ORDER_SEQ):
+    if item.headers.get(names.TARGET) != identifier or not item.headers.get(names.ORDER_SEQ):
         return None
-    return int(item.headers[topics.ORDER_SEQ])
+    return int(item.headers[names.ORDER_SEQ])
 
 
 def _park(item: Item, identifier: str, seq: int | None) -> Record:
@@ -622,9 +625,9 @@ def _park(item: Item, identifier: str, seq: int | None) -> Record:
     it through; its attempt count is unchanged."""
     due = int(time.time() * 1000) + PARK_MS
     headers: dict[str, str | None] = dict(item.headers)
-    headers.update({topics.TARGET: identifier, topics.DUE_AT: str(due)})
+    headers.update({names.TARGET: identifier, names.DUE_AT: str(due)})
     if seq is not None:
-        headers[topics.ORDER_SEQ] = str(seq)
+        headers[names.ORDER_SEQ] = str(seq)
     _count(item, identifier, "parked")
     return Record(topics.delay_topic_for(PARK_MS), item.key, item.raw, headers)
 
@@ -658,9 +661,7 @@ async def _deliver_group(
         usual = _usual.get((namespace_name, identifier))
         took = time.monotonic() - started
         _usual[(namespace_name, identifier)] = took if usual is None else 0.8 * usual + 0.2 * took
-    metrics.DELIVERY_SECONDS.labels(namespace_name, identifier).observe(
-        time.monotonic() - started
-    )
+    metrics.DELIVERY_SECONDS.labels(namespace_name, identifier).observe(time.monotonic() - started)
     _count_delivered(namespace_name, identifier, members, outcomes)
     if breaker is not None:
         metrics.CIRCUIT_STATE.labels(namespace_name, identifier).set(CIRCUIT_LEVELS[breaker.state])
@@ -685,7 +686,7 @@ def _after_failure(item: Item, identifier: str, outcome: Outcome) -> tuple[Recor
     lifecycle = _lifecycle(item)
     policy = backoff.effective(item.namespace.retry_policy, lifecycle.retry_policy)
     now = int(time.time() * 1000)
-    received = int(item.headers.get(topics.RECEIVED_AT) or now)
+    received = int(item.headers.get(names.RECEIVED_AT) or now)
     expires = received + 1000 * (lifecycle.ttl or item.namespace.message_ttl_seconds)
     failure = f"{outcome.code}: {outcome.message}"
     if outcome.status == "retryable" and backoff.should_retry(policy, item.attempt, outcome.code):
@@ -698,7 +699,7 @@ def _after_failure(item: Item, identifier: str, outcome: Outcome) -> tuple[Recor
         code, message = "RETRIES_EXHAUSTED", f"{item.attempt} attempts failed; last {failure}"
     else:
         code, message = outcome.code or "TARGET_REJECTED", outcome.message
-    if item.headers.get(topics.TRANSACTION_ID):  # its transaction decides, not the DLQ
+    if item.headers.get(names.TRANSACTION_ID):  # its transaction decides, not the DLQ
         _note(item, "failed", identifier, code=code, message=message[:300])
         return _mutation_outcome(item, f"{code}: {message}"), True
     return _dead_letter(item, code, message, identifier), True
@@ -716,13 +717,13 @@ def _retry(item: Item, identifier: str, outcome: Outcome, now: int, wait: int) -
     headers: dict[str, str | None] = dict(item.headers)
     headers.update(
         {
-            topics.ATTEMPT: str(item.attempt + 1),
-            topics.TARGET: identifier,
-            topics.DUE_AT: str(now + wait),
-            topics.ERROR_CODE: outcome.code,
-            topics.ERROR_MESSAGE: outcome.message[:1000],
-            topics.FIRST_FAILED_AT: item.headers.get(topics.FIRST_FAILED_AT) or str(now),
-            topics.LAST_FAILED_AT: str(now),
+            names.ATTEMPT: str(item.attempt + 1),
+            names.TARGET: identifier,
+            names.DUE_AT: str(now + wait),
+            names.ERROR_CODE: outcome.code,
+            names.ERROR_MESSAGE: outcome.message[:1000],
+            names.FIRST_FAILED_AT: item.headers.get(names.FIRST_FAILED_AT) or str(now),
+            names.LAST_FAILED_AT: str(now),
         }
     )
     return Record(topics.delay_topic_for(wait), item.key, item.raw, headers)
@@ -731,12 +732,12 @@ def _retry(item: Item, identifier: str, outcome: Outcome, now: int, wait: int) -
 def _note(item: Item, step: str, target: str | None, **fields: Any) -> None:
     """Note a write's step for ``GET /wal/messages/{id}`` (emitted with the batch)."""
     STATUS.note(
-        item.headers.get(topics.MESSAGE_ID),
+        item.headers.get(names.MESSAGE_ID),
         item.namespace.name if item.namespace else metrics.UNKNOWN,
         step,
         target=target,
         attempt=item.attempt,
-        transactionId=item.headers.get(topics.TRANSACTION_ID),
+        transactionId=item.headers.get(names.TRANSACTION_ID),
         **fields,
     )
 
@@ -759,9 +760,9 @@ def _origin(item: Item) -> str:
     :func:`tables.stats.delta`). A write back from a delay tier (a retry, a park) and
     a transaction's mutation count by their own ``wal-deliver`` record.
     """
-    origin = item.headers.get(topics.SOURCE) or ""
+    origin = item.headers.get(names.SOURCE) or ""
     parts = origin.rsplit("/", 2)
-    if item.headers.get(topics.TARGET) or len(parts) != 3:
+    if item.headers.get(names.TARGET) or len(parts) != 3:
         return item.source
     topic, partition, offset = parts
     if not (partition.isdigit() and offset.isdigit()):
@@ -780,7 +781,7 @@ def _count_delivered(
     delivered = 0
     for member, outcome in zip(members, outcomes, strict=True):
         if outcome.ok:
-            received = member.headers.get(topics.RECEIVED_AT)
+            received = member.headers.get(names.RECEIVED_AT)
             if received:
                 seconds = max(0.0, now - int(received) / 1000)
                 latency.observe(seconds)
@@ -818,7 +819,7 @@ def _dead_letter(item: Item, code: str, message: str, target: str | None = None)
     _note(item, step, target, code=code, message=message[:300])
     if _dlq_disabled(item):
         _count(item, target, "dropped")
-        message_id = item.headers.get(topics.MESSAGE_ID)
+        message_id = item.headers.get(names.MESSAGE_ID)
         log.warning(
             "dropped %s (DLQ disabled): %s: %s",
             message_id or item.source,
@@ -828,20 +829,15 @@ def _dead_letter(item: Item, code: str, message: str, target: str | None = None)
         )
         return None
     _count(item, target, "dead_lettered")
-    now = str(int(time.time() * 1000))
     headers: dict[str, str | None] = dict(item.headers)
     headers.update(
-        {
-            topics.ERROR_CODE: code,
-            topics.ERROR_MESSAGE: message[:1000],
-            topics.TARGET: target,
-            topics.SOURCE: item.headers.get(topics.SOURCE) or item.source,
-            topics.FIRST_FAILED_AT: item.headers.get(topics.FIRST_FAILED_AT) or now,
-            topics.LAST_FAILED_AT: now,
-        }
+        {names.TARGET: target, names.SOURCE: item.headers.get(names.SOURCE) or item.source}
     )
-    key = item.headers.get(topics.ORIGINAL_KEY)
-    return Record(_dlq_topic(item), key.encode() if key else None, item.raw, headers)
+    key = item.headers.get(names.ORIGINAL_KEY)
+    original = key.encode() if key else None
+    return names.dead_letter(
+        _dlq_topic(item), original, item.raw, headers, code=code, message=message
+    )
 
 
 def _dlq_topic(item: Item) -> str:

@@ -25,12 +25,14 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from app import metrics, topics
+from app import metrics, names, topics
+from app.engine import producing
+from app.engine.lanes import Batch, each_batch
 from app.errors import Rejected
 from app.fleet import fleet, settings
-from app.lanes import Batch, each_batch
 from app.models import MAX_REQUEST_BYTES, Mutation, Namespace, ShardStrategy, WriteRequest
-from app.topics import Record, ingest_topic
+from app.names import Record
+from app.topics import ingest_topic
 from tables import stats
 from tables.namespaces import lookup
 from tables.status import Collector
@@ -133,7 +135,7 @@ def admit(
                 details={"target": identifier},
                 http_status=400,
             )
-    message_id = request.message_id or headers.get(topics.MESSAGE_ID) or fallback_id
+    message_id = request.message_id or headers.get(names.MESSAGE_ID) or fallback_id
     return Admitted(
         request=request,
         namespace=namespace,
@@ -227,22 +229,22 @@ def deliver_record(
     """
     if admitted.transaction_id is not None:
         return _begin(admitted, headers)
-    out: dict[str, str | None] = {h: headers.get(h) for h in topics.PASSTHROUGH}
+    out: dict[str, str | None] = {h: headers.get(h) for h in names.PASSTHROUGH}
     out.update(
         {
-            topics.MESSAGE_ID: admitted.message_id,
-            topics.NAMESPACE: admitted.namespace.name,
-            topics.RECEIVED_AT: str(admitted.received_at_ms),
-            topics.SOURCE: source,
-            topics.ATTEMPT: "1",
-            topics.ORIGINAL_KEY: key.decode("utf-8", "replace") if key else None,
+            names.MESSAGE_ID: admitted.message_id,
+            names.NAMESPACE: admitted.namespace.name,
+            names.RECEIVED_AT: str(admitted.received_at_ms),
+            names.SOURCE: source,
+            names.ATTEMPT: "1",
+            names.ORIGINAL_KEY: key.decode("utf-8", "replace") if key else None,
         }
     )
     delay_s = admitted.request.lifecycle.delay_seconds
     if delay_s > 0:
         # Due counts from when the client produced the request, so a replay keeps it.
         due_at = admitted.produced_at_ms + delay_s * 1000
-        out[topics.DUE_AT] = str(due_at)
+        out[names.DUE_AT] = str(due_at)
         if due_at > admitted.received_at_ms:
             topic = topics.delay_topic_for(due_at - admitted.received_at_ms)
             return Record(topic, admitted.routing_key.encode(), raw, out)
@@ -261,8 +263,8 @@ def _begin(admitted: Admitted, headers: Mapping[str, str]) -> Record:
         "timeoutAt": admitted.received_at_ms
         + admitted.namespace.transaction_timeout_seconds * 1000,
     }
-    out = {h: headers.get(h) for h in topics.PASSTHROUGH}
-    out[topics.TRANSACTION_ID] = txn_id
+    out = {h: headers.get(h) for h in names.PASSTHROUGH}
+    out[names.TRANSACTION_ID] = txn_id
     return Record(topics.NAMES["txn-events"], txn_id.encode(), orjson.dumps(body), out)
 
 
@@ -275,21 +277,16 @@ def dead_letter(
     namespace: Namespace | None = None,
 ) -> Record:
     """The dead-letter record for a rejected request: original key and bytes, reason in headers."""
-    now = str(int(time.time() * 1000))
-    out: dict[str, str | None] = {h: headers.get(h) for h in topics.PASSTHROUGH}
-    out.update(
+    kept: dict[str, str | None] = {h: headers.get(h) for h in names.PASSTHROUGH}
+    kept.update(
         {
-            topics.ERROR_CODE: rejected.code,
-            topics.ERROR_MESSAGE: rejected.message[:1000],
-            topics.SOURCE: source,
-            topics.ATTEMPT: "0",
-            topics.FIRST_FAILED_AT: now,
-            topics.LAST_FAILED_AT: now,
-            topics.NAMESPACE: namespace.name if namespace else None,
+            names.SOURCE: source,
+            names.ATTEMPT: "0",
+            names.NAMESPACE: namespace.name if namespace else None,
         }
     )
     topic = (namespace.dlq_config.topic_name if namespace else None) or topics.NAMES["dlq"]
-    return Record(topic, key, raw, out)
+    return names.dead_letter(topic, key, raw, kept, code=rejected.code, message=rejected.message)
 
 
 @fleet.agent(ingest_topic, concurrency=1)
@@ -306,14 +303,14 @@ async def _ingest_batch(batch: Batch) -> None:
     _accepted.clear()
     records += _stats_deltas(batch.records, records)
     records += STATUS.drain(topics.NAMES["status"], settings.partitions)
-    await topics.emit_until_durable(records, what=f"{len(records)} ingest records")
+    await producing.emit_until_durable(records, what=f"{len(records)} ingest records")
     batch.ack()
     log.info("ingested a batch of %d", len(batch), extra={"agent": "ingest", "count": len(batch)})
 
 
 def _route(message: Any) -> Record:
     """One ingest record (aiokafka's ``ConsumerRecord``) → its next record."""
-    headers = topics.decode_headers(message.headers)
+    headers = names.decode_headers(message.headers)
     source = f"{message.topic}/{message.partition}/{message.offset}"
     timestamp_ms = message.timestamp if message.timestamp and message.timestamp > 0 else 0
     timestamp_ms = timestamp_ms or int(time.time() * 1000)
@@ -329,7 +326,7 @@ def _route(message: Any) -> Record:
         namespace = _namespace_of(message.value)
         _count_rejected(namespace, rejected.code)
         STATUS.note(
-            headers.get(topics.MESSAGE_ID) or _id_of(message.value),
+            headers.get(names.MESSAGE_ID) or _id_of(message.value),
             namespace.name if namespace else metrics.UNKNOWN,
             "rejected",
             code=rejected.code,
@@ -340,14 +337,14 @@ def _route(message: Any) -> Record:
         log.exception(
             "unexpected error admitting %s",
             source,
-            extra={"namespace": headers.get(topics.NAMESPACE)},
+            extra={"namespace": headers.get(names.NAMESPACE)},
         )
         internal = Rejected(f"internal error: {type(exc).__name__}", code="INTERNAL_ERROR")
         _count_rejected(None, internal.code)
         return dead_letter(internal, message.value, headers, source, message.key)
     _accepted[admitted.namespace.name] += 1
     record = deliver_record(admitted, message.value, headers, source, message.key)
-    due = record.headers.get(topics.DUE_AT)
+    due = record.headers.get(names.DUE_AT)
     STATUS.note(
         admitted.message_id,
         admitted.namespace.name,
@@ -363,8 +360,8 @@ def _stats_deltas(messages: list[Any], records: list[Record]) -> list[Record]:
     naming the ingest records they count (a batch re-read after a crash counts once)."""
     sources: dict[str, dict[str, list[str]]] = {}
     for message, record in zip(messages, records, strict=True):
-        name = record.headers.get(topics.NAMESPACE) or metrics.UNKNOWN
-        outcome = "rejected" if record.headers.get(topics.ERROR_CODE) else "accepted"
+        name = record.headers.get(names.NAMESPACE) or metrics.UNKNOWN
+        outcome = "rejected" if record.headers.get(names.ERROR_CODE) else "accepted"
         listed = sources.setdefault(name, {}).setdefault(outcome, [])
         listed.append(f"{message.topic}/{message.partition}/{message.offset}")
     return [stats.delta(name, sources=per) for name, per in sources.items()]

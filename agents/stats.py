@@ -2,7 +2,7 @@
 
 A batch's deltas are folded per namespace (each namespace's value is read and
 written once per batch), the table's changelog records are emitted and
-acknowledged by Kafka (:func:`tables.changelog_record`), and only then are the
+acknowledged by Kafka (:func:`app.engine.changelog.changelog_record`), and only then are the
 events acked. A record that is not a delta is logged and skipped: nothing on
 this topic stops the stream (faust #175).
 """
@@ -12,11 +12,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from app import metrics, topics
-from app.batching import batches
+from app import metrics
+from app.engine import producing
+from app.engine.batching import batches
+from app.engine.changelog import changelog_record
 from app.fleet import fleet
 from app.topics import stats_topic
-from tables import changelog_record
 from tables.stats import NamespaceStats, fold, parse, stats
 
 #: Stats are not latency-critical: large batches, one table write per namespace each.
@@ -36,7 +37,7 @@ async def fold_stats(stream: Any) -> None:
             folded = {}
         if folded:
             records = [changelog_record(stats, key, value) for key, value in folded.items()]
-            await topics.emit_until_durable(records, what=f"{len(records)} stats values")
+            await producing.emit_until_durable(records, what=f"{len(records)} stats values")
         for event in events:
             await stream.ack(event)
 

@@ -17,12 +17,13 @@ import contextlib
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from app import metrics
-from app.batching import batches
+from app.engine.batching import batches
+from app.engine.reading import plain_consumer, read_to_end
 from app.fleet import fleet, settings
-from app.topics import NAMES, admin_security, status_topic
+from app.topics import NAMES, status_topic
 from tables.status import StatusBook
 
 BATCH = 2000
@@ -93,26 +94,14 @@ def _entries(entries: Any) -> list[dict[str, Any]]:
 
 async def rebuild(partitions: list[int]) -> int:
     """Fold ``partitions`` of ``wal-status`` from their first retained record to their end."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
-        enable_auto_commit=False,
-        **admin_security(settings),
-    )
+    consumer = plain_consumer(settings)
     await consumer.start()
     folded = 0
     try:
         tps = [TopicPartition(NAMES["status"], p) for p in partitions]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        todo = {tp for tp in tps if ends[tp] > await consumer.position(tp)}
-        while todo:
-            batches = await consumer.getmany(*todo, timeout_ms=1000, max_records=BATCH)
-            for tp, records in batches.items():
-                _fold([(tp.partition, r.offset, r.value) for r in records])
-                folded += len(records)
-                if records and records[-1].offset + 1 >= ends[tp]:
-                    todo.discard(tp)
+        async for records in read_to_end(consumer, tps):
+            _fold([(r.partition, r.offset, r.value) for r in records])
+            folded += len(records)
     finally:
         await consumer.stop()
     return folded

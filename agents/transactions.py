@@ -19,10 +19,11 @@ from typing import Any
 
 import orjson
 
-from app import metrics, topics
-from app.batching import batches
+from app import metrics, names, topics
+from app.engine import producing
+from app.engine.batching import batches
 from app.fleet import fleet, settings
-from app.topics import Record
+from app.names import Record
 from tables import transactions as txns
 
 txn_events_topic = fleet.topic(topics.NAMES["txn-events"], partitions=settings.partitions)
@@ -43,7 +44,7 @@ async def transactions(stream: Any) -> None:
             records += _fold_one(event, states)
         records += [txns.save(txn_id, state) for txn_id, state in states.items()]
         if records:  # dispatches and the table's changelog, durable before the acks
-            await topics.emit_until_durable(records, what=f"{len(records)} transaction writes")
+            await producing.emit_until_durable(records, what=f"{len(records)} transaction writes")
         for event in events:
             await stream.ack(event)
 
@@ -86,14 +87,14 @@ def dispatch(state: dict[str, Any], effect: txns.Dispatch) -> Record:
         }
     )
     headers = {
-        topics.MESSAGE_ID: mid,
-        topics.NAMESPACE: state["namespace"],
-        topics.RECEIVED_AT: str(int(time.time() * 1000)),
-        topics.ATTEMPT: "1",
-        topics.SOURCE: f"transaction/{txn_id}",
-        topics.TRANSACTION_ID: txn_id,
-        topics.MUTATION_INDEX: str(effect.index),
-        topics.MUTATION_KIND: effect.kind,
+        names.MESSAGE_ID: mid,
+        names.NAMESPACE: state["namespace"],
+        names.RECEIVED_AT: str(int(time.time() * 1000)),
+        names.ATTEMPT: "1",
+        names.SOURCE: f"transaction/{txn_id}",
+        names.TRANSACTION_ID: txn_id,
+        names.MUTATION_INDEX: str(effect.index),
+        names.MUTATION_KIND: effect.kind,
     }
     key = (spec.get("partitionKey") or txn_id).encode()
     return Record(topics.NAMES["deliver"], key, value, headers)
@@ -130,6 +131,6 @@ async def expire_transactions() -> None:
             )
             for t, kind in events
         ]
-        await topics.emit_until_durable(records, what=f"{len(events)} transaction expiries")
+        await producing.emit_until_durable(records, what=f"{len(events)} transaction expiries")
         _timeouts_sent.update(t for t, kind in events if kind == "timeout")
         _forgets_sent.update(t for t, kind in events if kind == "forget")

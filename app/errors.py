@@ -4,9 +4,10 @@
 
 * :class:`Rejected` - the request can never be accepted as sent (bad JSON,
   unknown namespace, oversize …). Ingest dead-letters it; HTTP answers 4xx.
-* :class:`Retryable` - a delivery failed but may succeed later
-  (``retry_after`` seconds, when the target said so).
-* :class:`Permanent` - a delivery can never succeed as sent.
+* :class:`ConfigError` - invalid settings, namespace or target, at load time.
+
+What became of a delivery is not an exception: a target answers each write with
+a :class:`targets.base.Outcome` (delivered, retryable or permanent, with a code).
 
 Each carries a ``code`` from :data:`CODES`. That mapping is the documented
 list (README links here); a test keeps README and this list in step.
@@ -83,24 +84,6 @@ class Rejected(WalError):
         super().__init__(message, code=code)
         self.details = details
         self.http_status = http_status
-
-
-class Retryable(WalError):
-    """A delivery that failed but may succeed later."""
-
-    code = "TARGET_ERROR"
-
-    def __init__(
-        self, message: str, *, code: str | None = None, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message, code=code)
-        self.retry_after = retry_after
-
-
-class Permanent(WalError):
-    """A delivery that can never succeed as sent."""
-
-    code = "TARGET_REJECTED"
 
 
 class ConfigError(WalError):

@@ -1,7 +1,7 @@
 """The Faust app: one per worker process, built from :class:`Settings` once.
 
 Agents, tables and views import ``fleet`` and ``settings`` from here by name.
-Discovery is explicit (``agents``, ``tables``, ``app.views``): never
+Discovery is explicit (``agents``, ``tables``, ``app.web.views``): never
 ``autodiscover=True``, which would import ``targets/`` and ``deploy/``.
 """
 
@@ -15,16 +15,15 @@ from typing import Any
 import faust
 from aiokafka import codec
 from aiokafka.helpers import create_ssl_context
-from faust.sensors.prometheus import setup_prometheus_sensors
 
-from app import consumer, store
+from app.engine import consumer, store
+from app.engine.partitioner import partitioner
+from app.engine.sensors import install_monitor
 from app.models import MAX_REQUEST_BYTES, TOPIC_MAX_MESSAGE_BYTES
-from app.partitioner import partitioner
-from app.sensors import LeanMonitor
 from app.settings import Settings
 
 settings = Settings()
-store.install()  # rocksdb:// -> app.store:RocksStore
+store.install()  # rocksdb:// -> app.engine.store:RocksStore
 
 
 def broker_credentials(s: Settings) -> Any:
@@ -117,12 +116,11 @@ async def heal_held_partitions() -> None:
         fleet.log.exception("healing held partitions failed")
 
 
-setup_prometheus_sensors(fleet, pattern="/metrics", name_prefix="faust")
-fleet.monitor = LeanMonitor(metrics=fleet.monitor._metrics)  # type: ignore[attr-defined]
+install_monitor(fleet)
 
 #: What a worker runs: every module of these packages, and the views.
 ROLE_PACKAGES = ("agents", "tables")
-VIEWS = "app.views"
+VIEWS = "app.web.views"
 
 
 def discover() -> list[str]:

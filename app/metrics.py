@@ -26,7 +26,7 @@ PARTITION_STALLED = Gauge(
 )
 COMMITS_REFUSED = Counter(
     "wal_commits_refused",
-    "Commits the guard refused: the offset passed records not proven done (app.guard).",
+    "Commits the guard refused: the offset passed records not proven done (app.engine.guard).",
     ["topic"],
 )
 DEAD_LETTERS = Counter(

@@ -19,7 +19,7 @@ from typing import Any
 
 import faust
 
-from app.lanes import lanes_of
+from app.engine.lanes import lanes_of
 
 log = logging.getLogger("wal.worker")
 

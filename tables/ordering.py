@@ -24,9 +24,9 @@ from typing import Literal
 
 import orjson
 
+from app.engine.changelog import changelog_record
 from app.fleet import fleet, settings
-from app.topics import Record
-from tables import changelog_record
+from app.names import Record
 
 ordering = fleet.Table(
     "ordering",

@@ -43,7 +43,8 @@ from typing import Any
 import orjson
 
 from app.fleet import fleet, settings
-from app.topics import NAMES, NAMESPACE, Record
+from app.names import NAMESPACE, Record
+from app.topics import NAMES
 
 OUTCOMES = ("accepted", "rejected", "delivered", "retried", "dead_lettered", "dropped", "parked")
 #: Source records re-read after a crash or a rebalance, not counted again (see the docstring).

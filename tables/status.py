@@ -34,8 +34,8 @@ from typing import Any
 
 import orjson
 
-from app.partitioner import partition_of
-from app.topics import Record
+from app.engine.partitioner import partition_of
+from app.names import Record
 from tables import compact
 
 #: Per-target steps, and the message status they add up to (worst first).

@@ -29,9 +29,10 @@ from typing import Any, Literal
 
 import orjson
 
+from app.engine.changelog import changelog_record
 from app.fleet import fleet, settings
-from app.topics import NAMES, Record
-from tables import changelog_record
+from app.names import Record
+from app.topics import NAMES
 
 transactions = fleet.Table(
     "transactions",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app import stack
+from app.ops import stack
 from app.settings import Settings
 from tests.integration.harness import Fleet, delete_topics, free_port
 

@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import stack
+from app.ops import stack
 from app.settings import Settings
 
 BOOTSTRAP = "127.0.0.1:9092"

@@ -22,8 +22,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
+from app.engine.admin import ensure_topics
+from app.names import topic_names
 from app.settings import Settings
-from app.topics import ensure_topics, topic_names
 from tests.integration.harness import BOOTSTRAP, ROOT, WAL, Fleet, header, read_all
 
 pytestmark = [pytest.mark.kafka]

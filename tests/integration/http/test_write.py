@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
-from app import stack
-from app.access import hash_key
+from app.ops import stack
 from app.settings import Settings
+from app.web.access import hash_key
 from tests.integration.harness import Fleet, Worker, eventually, pg_query
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from app import stack
+from app.ops import stack
 from app.settings import Settings
 from tests.integration.harness import (
     Fleet,

@@ -31,7 +31,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from rocksdict import AccessType, Options, Rdict
 
-from app.store import UNCLEAN
+from app.engine.store import UNCLEAN
 from tests.integration.harness import (
     BOOTSTRAP,
     Fleet,

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from app import topics
+from app import names
 from tests.integration.harness import (
     Fleet,
     eventually,
@@ -71,8 +71,8 @@ async def test_retries_are_spaced_by_the_backoff_and_never_repeat_other_targets(
     # late a due write may be is the delay promise, tested in test_delay*.py.
     scheduled = {}
     for record in await read_all(fleet.topic("delay-1s")):
-        attempt = int(header(record, topics.ATTEMPT) or 0)
-        due, failed = header(record, topics.DUE_AT), header(record, topics.LAST_FAILED_AT)
+        attempt = int(header(record, names.ATTEMPT) or 0)
+        due, failed = header(record, names.DUE_AT), header(record, names.LAST_FAILED_AT)
         if due and failed:
             scheduled.setdefault(attempt, int(due) - int(failed))
     assert sorted(scheduled) == [2, 3, 4], scheduled

@@ -23,7 +23,7 @@ from tests.integration.harness import PG_URL, REDIS_URL, eventually, free_port
 
 __all__ = ["PG_URL", "REDIS_URL", "TcpProxy", "Webhook", "eventually", "free_port", "unique"]
 
-STACK_HINT = "run `make stack-up` (or `.venv/bin/python -m app.stack up`)"
+STACK_HINT = "run `make stack-up` (or `.venv/bin/python -m app.ops.stack up`)"
 
 
 def reachable(host: str, port: int) -> bool:

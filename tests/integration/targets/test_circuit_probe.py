@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from app import stack
+from app.ops import stack
 from app.settings import Settings
 from tests.integration.harness import BOOTSTRAP, Fleet, eventually, free_port, request
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agents import deliver
-from app import topics
+from app import names
 from app.models import Namespace
 from tables.stats import parse
 
@@ -15,23 +15,23 @@ def item(source: str, **headers: str) -> deliver.Item:
 
 
 def test_a_first_pass_counts_by_its_ingest_record_through_its_deliver_partition() -> None:
-    first = item("w-deliver/2/900", **{topics.SOURCE: "w-ingest/1/17"})
+    first = item("w-deliver/2/900", **{names.SOURCE: "w-ingest/1/17"})
     assert deliver._origin(first) == "w-ingest/1:2/17"
-    again = item("w-deliver/2/950", **{topics.SOURCE: "w-ingest/1/17"})  # ingest re-read it
+    again = item("w-deliver/2/950", **{names.SOURCE: "w-ingest/1/17"})  # ingest re-read it
     assert deliver._origin(again) == deliver._origin(first)
 
 
 def test_retries_parks_and_mutations_count_by_their_own_deliver_record() -> None:
-    retry = item("w-deliver/2/990", **{topics.SOURCE: "w-ingest/1/17", topics.TARGET: "pg"})
+    retry = item("w-deliver/2/990", **{names.SOURCE: "w-ingest/1/17", names.TARGET: "pg"})
     assert deliver._origin(retry) == "w-deliver/2/990"
-    mutation = item("w-deliver/0/5", **{topics.SOURCE: "transaction/txn_ab"})
+    mutation = item("w-deliver/0/5", **{names.SOURCE: "transaction/txn_ab"})
     assert deliver._origin(mutation) == "w-deliver/0/5"
     assert deliver._origin(item("w-deliver/0/6")) == "w-deliver/0/6"
 
 
 def test_the_deltas_name_what_they_count_per_target() -> None:
     deliver._tally.clear()
-    first = item("w-deliver/2/900", **{topics.SOURCE: "w-ingest/1/17"})
+    first = item("w-deliver/2/900", **{names.SOURCE: "w-ingest/1/17"})
     deliver._count(first, "pg", "dead_lettered")
     deliver._count(first, "cache", "retried")
     records = deliver._stats_deltas()

@@ -12,10 +12,10 @@ import orjson
 import pytest
 
 from agents import deliver
-from app import topics
+from app import names, topics
 from app.models import Namespace
+from app.names import Record
 from app.settings import Settings
-from app.topics import Record
 from targets.base import DELIVERED, Outcome, Target, Write
 from targets.circuit import BREAKERS
 
@@ -80,7 +80,7 @@ class FakeBatch:
 
 def message(namespace: str, n: int) -> Message:
     value = orjson.dumps({"namespace": namespace, "payload": {"n": n}})
-    headers = [(topics.MESSAGE_ID, f"{namespace}-{n}".encode())]
+    headers = [(names.MESSAGE_ID, f"{namespace}-{n}".encode())]
     return Message(value, f"k{n}".encode(), n, headers)
 
 
@@ -106,7 +106,7 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Record]]:
     monkeypatch.setattr(deliver, "_latest", {})
     monkeypatch.setattr(deliver, "_missed", {})
     monkeypatch.setattr(deliver, "create_target", create)
-    monkeypatch.setattr(deliver.topics, "emit_until_durable", emit)
+    monkeypatch.setattr(deliver.producing, "emit_until_durable", emit)
     tune(monkeypatch, target_slow_ms=50, target_deadline_s=5.0)
     yield emitted
     Fake.release.set()
@@ -156,8 +156,8 @@ async def test_a_call_past_its_deadline_goes_to_the_retry_path_and_counts_for_th
     await asyncio.wait(set(deliver._late_batches), timeout=5)
     assert batch.acked and 0.3 <= time.monotonic() - started < 3.0
     (retry,) = retries(fakes)
-    assert retry.headers[topics.ATTEMPT] == "2"
-    assert "deadline" in (retry.headers[topics.ERROR_MESSAGE] or "")
+    assert retry.headers[names.ATTEMPT] == "2"
+    assert "deadline" in (retry.headers[names.ERROR_MESSAGE] or "")
     assert BREAKERS["slow/t"].state == "open"  # threshold 1: counted at the deadline
 
 
@@ -172,9 +172,9 @@ async def test_after_a_missed_deadline_calls_behind_are_not_made_and_later_write
     await asyncio.wait(set(deliver._late_batches), timeout=5)
     assert first.acked and second.acked and Fake.delivered == []
     first_retry, second_retry = retries(fakes)
-    assert "deadline" in (first_retry.headers[topics.ERROR_MESSAGE] or "")
-    assert "not called" in (second_retry.headers[topics.ERROR_MESSAGE] or "")
-    assert second_retry.headers[topics.ATTEMPT] == "2"
+    assert "deadline" in (first_retry.headers[names.ERROR_MESSAGE] or "")
+    assert "not called" in (second_retry.headers[names.ERROR_MESSAGE] or "")
+    assert second_retry.headers[names.ATTEMPT] == "2"
 
     # The target missed its deadline: while a call to it is slow, its writes wait in Kafka.
     fakes.clear()
@@ -184,8 +184,8 @@ async def test_after_a_missed_deadline_calls_behind_are_not_made_and_later_write
     assert fourth.acked and not third.acked
     (parked,) = retries(fakes)
     assert parked.topic == topics.delay_topic_for(deliver.PARK_MS)
-    assert parked.headers[topics.TARGET] == "t"
-    assert parked.headers.get(topics.ATTEMPT) is None and topics.ORDER_SEQ not in parked.headers
+    assert parked.headers[names.TARGET] == "t"
+    assert parked.headers.get(names.ATTEMPT) is None and names.ORDER_SEQ not in parked.headers
 
 
 async def test_ordered_namespaces_wait_for_their_calls(

@@ -1,0 +1,30 @@
+"""The engine room: the fleet's Kafka consumer and batch runtime, on Faust, mode and aiokafka.
+
+The one guarantee a write-ahead log exists for lives here: an offset is committed
+only after everything its record caused is durable. Agents, tables and views use
+this surface; what is behind it reaches into Faust's, mode's and aiokafka's
+internals, on exactly pinned versions (``pyproject.toml``), each reach guarded by
+a digest of the upstream source it corrects (``tests/unit/engine/test_upstream.py``).
+
+The consumer, in three layers (one class each, the last installed by :func:`install`):
+
+* :mod:`app.engine.seeking` - where each partition's reading stands; every seek.
+* :mod:`app.engine.fetching` - fetched records handed to the agents (Faust's
+  ``_drain_messages``, copied and changed), the fetch pace, flow control that keeps
+  queued records through a resume.
+* :mod:`app.engine.consumer` - what is committed: the strict commit rule, held and
+  stranded partitions healed by re-reading, :func:`~app.engine.consumer.install`.
+
+Around it:
+
+* :mod:`app.engine.guard` - the last check of every commit (an offset past records not
+  proven done is refused, logged and counted).
+* :mod:`app.engine.lanes` - batches for the busiest agents (ingest, deliver): records
+  handed over in bulk, one ``Batch.ack`` for all of them.
+* :mod:`app.engine.batching` - batches for the other agents, on Faust's stream.
+* :mod:`app.engine.offsets` - a read-only view of consumer state: assignment,
+  committed and acked offsets, held partitions, lag (readiness, lag metrics, views).
+* :mod:`app.engine.store` - the ``rocksdb://`` table store, corrected.
+* :mod:`app.engine.sensors` - Faust's monitor, lean; :mod:`app.engine.partitioner` -
+  the producer's partitioner, for keys computed outside a producer.
+"""

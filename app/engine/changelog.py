@@ -1,0 +1,25 @@
+"""Table state written with the batch: the store set now, the changelog record emitted
+(and awaited) with the batch's other records, before its source is acked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.names import Record
+from tables import compact
+
+
+def changelog_record(table: Any, key: bytes, value: bytes | None) -> Record:
+    """Set ``key`` in ``table``'s store and return the changelog record to emit for it.
+
+    Faust's own ``table[key] = value`` queues the changelog write in its producer
+    buffer, and its ``producer.flush()`` may return before that buffer is empty:
+    an agent that acks after it could lose the state change in a crash while its
+    effects went out. So state is written to the store directly and its changelog
+    record is emitted, and awaited, together with the effects.
+    """
+    if value is None:
+        table.data.pop(key, None)
+    else:
+        table.data[key] = compact(value)
+    return Record(table.changelog_topic.get_topic_name(), key, value, {})

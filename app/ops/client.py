@@ -1,0 +1,132 @@
+"""Talking to the fleet's topics without a worker: what ``wal`` commands use.
+
+Plain aiokafka clients (no consumer group), built from the same settings as
+the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import IO, Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from tqdm import tqdm
+
+from app.engine.admin import admin_security, ensure_topics
+from app.engine.reading import read_topic
+from app.models import Namespace
+from app.names import encode_headers, topic_names
+from app.settings import Settings
+
+
+def validate(doc: dict[str, Any]) -> Namespace:
+    return Namespace.model_validate(doc)
+
+
+def producer(s: Settings, **kwargs: Any) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=s.bootstrap_servers,
+        acks="all",
+        enable_idempotence=True,
+        **admin_security(s),
+        **kwargs,
+    )
+
+
+async def read_all(s: Settings) -> dict[str, Namespace]:
+    """The namespaces as the topic holds them now (later records win; tombstones delete)."""
+    latest: dict[str, bytes | None] = {}
+    for record in await read_topic(s, topic_names(s)["namespaces"]):
+        latest[record.key.decode()] = record.value
+    out = {}
+    for name, raw in latest.items():
+        if raw is not None:
+            out[name] = Namespace.model_validate(orjson.loads(raw))
+    return out
+
+
+async def apply(
+    s: Settings, wanted: Iterable[Namespace], *, dry_run: bool = False
+) -> list[tuple[str, str]]:
+    """Write namespace configs; return (name, "created"|"updated"|"unchanged") for each."""
+    await ensure_topics(s)
+    current = await read_all(s)
+    changes: list[tuple[str, str]] = []
+    writes: list[tuple[str, bytes]] = []
+    for ns in wanted:
+        value = ns.model_dump_json().encode()
+        old = current.get(ns.name)
+        if old is None:
+            changes.append((ns.name, "created"))
+        elif old.model_dump_json().encode() == value:
+            changes.append((ns.name, "unchanged"))
+            continue
+        else:
+            changes.append((ns.name, "updated"))
+        writes.append((ns.name, value))
+    if writes and not dry_run:
+        await _send(s, topic_names(s)["namespaces"], [(n.encode(), v) for n, v in writes])
+    return changes
+
+
+async def delete(s: Settings, names: Iterable[str]) -> None:
+    await _send(s, topic_names(s)["namespaces"], [(n.encode(), None) for n in names])
+
+
+async def _send(s: Settings, topic: str, records: list[tuple[bytes, bytes | None]]) -> None:
+    p = producer(s)
+    await p.start()
+    try:
+        futures = [await p.send(topic, value, key=key) for key, value in records]
+        await asyncio.gather(*futures)
+    finally:
+        await p.stop()
+
+
+async def produce_lines(
+    s: Settings,
+    source: IO[bytes],
+    topic: str,
+    key_field: str | None,
+    progress: bool,
+    headers: dict[str, str] | None = None,
+) -> int:
+    """Produce each non-empty line of ``source`` as one record; return how many."""
+    await ensure_topics(s)
+    p = producer(s, linger_ms=5, max_batch_size=256 * 1024)
+    await p.start()
+    sent = 0
+    pending: list[asyncio.Future[Any]] = []
+    bar = tqdm(unit="msg", disable=not progress, file=None)
+    try:
+        for line in source:
+            line = line.strip()
+            if not line:
+                continue
+            key = _key_of(line, key_field) if key_field else None
+            pending.append(
+                await p.send(topic, line, key=key, headers=encode_headers(headers or {}))
+            )
+            sent += 1
+            if len(pending) >= 1000:
+                await asyncio.gather(*pending)
+                bar.update(len(pending))
+                pending.clear()
+        await asyncio.gather(*pending)
+        bar.update(len(pending))
+    finally:
+        bar.close()
+        await p.stop()
+    return sent
+
+
+def _key_of(line: bytes, path: str) -> bytes | None:
+    try:
+        value: Any = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return None if value is None else str(value).encode()
