@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     """WAL_TARGET_SLOW_MS: a target call still running this long (or four times the target's
     usual call time, if more) after it started no longer holds its batch: the batch's other
     writes go on and its records are acked once the call ends; later calls to that target
-    queue behind it (see ``agents/deliver.py``). ``ordering: key`` namespaces wait."""
+    queue behind it (see ``agents/deliver/calls.py``). ``ordering: key`` namespaces wait."""
 
     circuit_probe_ms: int = Field(default=2000, ge=100, le=60_000)
     """WAL_CIRCUIT_PROBE_MS: while a target's circuit is open, how often it is probed

@@ -118,7 +118,7 @@ def delta(
     end-to-end latencies of the writes delivered; they travel as a sketch, so the
     record stays small whatever the batch size. Zero counts are left out.
     ``sources`` names, per outcome, the records counted (``topic/partition/offset``,
-    as :attr:`agents.deliver.Item.source`); their number is that outcome's count,
+    as :attr:`agents.deliver.items.Item.source`); their number is that outcome's count,
     and the fold counts each once however often it is re-read.
     """
     named = {outcome: _ranges(listed) for outcome, listed in (sources or {}).items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,12 +13,14 @@ import orjson
 import pytest
 
 from agents import deliver
+from agents.deliver import calls, outcomes
 from app import names, topics
 from app.models import Namespace
 from app.names import Record
 from app.settings import Settings
 from targets.base import DELIVERED, Outcome, Target, Write
 from targets.circuit import BREAKERS
+from targets.pool import TargetPool
 
 
 def _namespace(name: str, threshold: int = 1, **extra: Any) -> Namespace:
@@ -85,7 +88,9 @@ def message(namespace: str, n: int) -> Message:
 
 
 def tune(monkeypatch: pytest.MonkeyPatch, **settings: Any) -> None:
-    monkeypatch.setattr(deliver, "settings", deliver.settings.model_copy(update=settings))
+    tuned = deliver.settings.model_copy(update=settings)
+    monkeypatch.setattr(deliver, "settings", tuned)
+    monkeypatch.setattr(calls, "settings", tuned)
 
 
 @pytest.fixture(autouse=True)
@@ -100,12 +105,11 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Record]]:
         return Fake(name, config, settings)
 
     monkeypatch.setattr(deliver, "lookup", NAMESPACES.get)
-    monkeypatch.setattr(deliver, "_targets", {})
-    monkeypatch.setattr(deliver, "_slow", deliver.Counter())
-    monkeypatch.setattr(deliver, "_usual", {})
-    monkeypatch.setattr(deliver, "_latest", {})
-    monkeypatch.setattr(deliver, "_missed", {})
-    monkeypatch.setattr(deliver, "create_target", create)
+    monkeypatch.setattr(calls, "slow_calls", Counter())
+    monkeypatch.setattr(calls, "_usual", {})
+    monkeypatch.setattr(calls, "_latest", {})
+    monkeypatch.setattr(calls, "_missed", {})
+    monkeypatch.setattr(calls, "POOL", TargetPool(deliver.settings, create=create))
     monkeypatch.setattr(deliver.producing, "emit_until_durable", emit)
     tune(monkeypatch, target_slow_ms=50, target_deadline_s=5.0)
     yield emitted
@@ -129,7 +133,7 @@ async def test_a_hung_target_lets_its_batch_go_on_and_acks_it_when_it_ends(
     await deliver._deliver_batch(first)  # type: ignore[arg-type]
     assert time.monotonic() - started < 2.0  # did not wait for the hung call
     assert Fake.delivered == ["fast-2"] and not first.acked  # its hung write is not done
-    assert ("slow", "t") in deliver._slow
+    assert ("slow", "t") in calls.slow_calls
 
     # The target's later writes queue behind its slow call (in order), their batch going on
     # too; the other namespace's go through at once.
@@ -142,7 +146,7 @@ async def test_a_hung_target_lets_its_batch_go_on_and_acks_it_when_it_ends(
     await asyncio.wait(set(deliver._late_batches))
     assert first.acked and second.acked
     assert Fake.delivered == ["fast-2", "fast-4", "slow-1", "slow-3"]
-    assert ("slow", "t") not in deliver._slow
+    assert ("slow", "t") not in calls.slow_calls
 
 
 async def test_a_call_past_its_deadline_goes_to_the_retry_path_and_counts_for_the_breaker(
@@ -183,7 +187,7 @@ async def test_after_a_missed_deadline_calls_behind_are_not_made_and_later_write
     await deliver._deliver_batch(fourth)  # type: ignore[arg-type]
     assert fourth.acked and not third.acked
     (parked,) = retries(fakes)
-    assert parked.topic == topics.delay_topic_for(deliver.PARK_MS)
+    assert parked.topic == topics.delay_topic_for(outcomes.PARK_MS)
     assert parked.headers[names.TARGET] == "t"
     assert parked.headers.get(names.ATTEMPT) is None and names.ORDER_SEQ not in parked.headers
 

@@ -8,10 +8,12 @@ from collections.abc import Sequence
 import pytest
 
 from agents import deliver
+from agents.deliver import calls
 from app.errors import ConfigError
 from app.models import Namespace
 from app.settings import Settings
 from targets.base import Outcome, Target, Write
+from targets.pool import TargetPool
 
 NAMESPACES = {
     "orders": Namespace.model_validate(
@@ -54,13 +56,12 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> None:
     Fake.opened, Fake.warmed = [], []
     monkeypatch.setattr(deliver, "all_names", lambda: sorted(NAMESPACES))
     monkeypatch.setattr(deliver, "lookup", NAMESPACES.get)
-    monkeypatch.setattr(deliver, "_targets", {})
     monkeypatch.setattr(deliver, "JOURNAL", deliver.JOURNAL.model_copy(update={"type": "sql"}))
 
     def create(kind: str, name: str, config: dict[str, object], settings: Settings) -> Target:
         return Fake(name, config, settings)
 
-    monkeypatch.setattr(deliver, "create_target", create)
+    monkeypatch.setattr(calls, "POOL", TargetPool(deliver.settings, create=create))
 
 
 async def test_the_enabled_targets_of_enabled_namespaces_are_opened_once_and_warmed(

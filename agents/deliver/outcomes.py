@@ -1,0 +1,269 @@
+"""Deliver: what becomes of each write - delivered, retried, parked, dead-lettered or
+dropped - with its status note and its count, decided here and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from agents.deliver.items import Item, lifecycle, ordered
+from app import backoff, metrics, names, topics
+from app.names import Record
+from tables import ordering, stats, transactions
+from tables.status import Collector
+from targets.base import Outcome
+
+if TYPE_CHECKING:
+    from agents.deliver.calls import Call
+
+log = logging.getLogger("wal.deliver")
+
+
+STATUS = Collector()
+
+
+#: Outcomes for ``wal-stats`` since the last batch emitted them: (namespace, target,
+#: outcome) -> the sources (``Item.source``) counted; latencies per (namespace, target).
+_tally: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+
+
+_latencies: dict[tuple[str, str], list[int]] = defaultdict(list)
+
+
+#: How long a write parked behind its key (or a slow target) waits before it asks again.
+PARK_MS = 1000
+
+
+def follow_ups_of(call: Call, states: dict[bytes, dict[str, ordering.KeyState]]) -> list[Record]:
+    """The follow-up records of an ended call's outcomes."""
+    records = []
+    for item, outcome in zip(call.members, call.task.result(), strict=True):
+        record = _next_step(item, call.identifier, outcome, states)
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def _next_step(
+    item: Item,
+    identifier: str,
+    outcome: Outcome,
+    states: dict[bytes, dict[str, ordering.KeyState]],
+) -> Record | None:
+    """After a write's outcome: its follow-up record, and its key's sequencing."""
+    record, final = (None, True) if outcome.ok else _after_failure(item, identifier, outcome)
+    if outcome.ok:
+        _note(item, "delivered", identifier)
+    if outcome.ok and item.headers.get(names.TRANSACTION_ID):
+        record = _mutation_outcome(item, None)  # the transaction decides what follows
+    if not ordered(item):
+        return record
+    per_target = states.setdefault(item.key or b"", ordering.load(item.key or b""))
+    message_id = item.writes[identifier].id
+    seq = item.seqs.get(identifier)
+    if not final:  # going round again: the key waits behind it
+        assert record is not None
+        per_target[identifier], seq = ordering.block(per_target.get(identifier), message_id, seq)
+        return replace(record, headers={**record.headers, names.ORDER_SEQ: str(seq)})
+    released = ordering.release(per_target.get(identifier), message_id, seq)
+    if released is None:
+        per_target.pop(identifier, None)
+    else:
+        per_target[identifier] = released
+    return record
+
+
+def _mutation_outcome(item: Item, error: str | None) -> Record:
+    """A mutation's final outcome, for its transaction (``error`` None: completed)."""
+    return transactions.outcome(
+        item.headers[names.TRANSACTION_ID],
+        int(item.headers.get(names.MUTATION_INDEX) or 0),
+        item.headers.get(names.MUTATION_KIND) or "forward",
+        error is None,
+        error,
+    )
+
+
+def park(item: Item, identifier: str, seq: int | None) -> Record:
+    """Send a write round the shortest delay tier until its key (or its slow target) lets
+    it through; its attempt count is unchanged."""
+    due = int(time.time() * 1000) + PARK_MS
+    headers: dict[str, str | None] = dict(item.headers)
+    headers.update({names.TARGET: identifier, names.DUE_AT: str(due)})
+    if seq is not None:
+        headers[names.ORDER_SEQ] = str(seq)
+    count(item, identifier, "parked")
+    return Record(topics.delay_topic_for(PARK_MS), item.key, item.raw, headers)
+
+
+def _after_failure(item: Item, identifier: str, outcome: Outcome) -> tuple[Record | None, bool]:
+    """A failed write's next step: a retry in a delay tier (not final), or a dead letter."""
+    assert item.namespace is not None
+    asked = lifecycle(item)
+    policy = backoff.effective(item.namespace.retry_policy, asked.retry_policy)
+    now = int(time.time() * 1000)
+    received = int(item.headers.get(names.RECEIVED_AT) or now)
+    expires = received + 1000 * (asked.ttl or item.namespace.message_ttl_seconds)
+    failure = f"{outcome.code}: {outcome.message}"
+    if outcome.status == "retryable" and backoff.should_retry(policy, item.attempt, outcome.code):
+        wait = backoff.delay_ms(policy, item.attempt, retry_after_s=outcome.retry_after)
+        if now + wait < expires:
+            count(item, identifier, "retried")
+            return _retry(item, identifier, outcome, now, wait), False
+        code, message = "MESSAGE_EXPIRED", f"ttl passed before a retry; last {failure}"
+    elif outcome.status == "retryable" and item.attempt >= policy.max_attempts:
+        code, message = "RETRIES_EXHAUSTED", f"{item.attempt} attempts failed; last {failure}"
+    else:
+        code, message = outcome.code or "TARGET_REJECTED", outcome.message
+    if item.headers.get(names.TRANSACTION_ID):  # its transaction decides, not the DLQ
+        _note(item, "failed", identifier, code=code, message=message[:300])
+        return _mutation_outcome(item, f"{code}: {message}"), True
+    return dead_letter_of(item, code, message, identifier), True
+
+
+def _retry(item: Item, identifier: str, outcome: Outcome, now: int, wait: int) -> Record:
+    _note(
+        item,
+        "retrying",
+        identifier,
+        code=outcome.code,
+        message=outcome.message[:300],
+        next=now + wait,
+    )
+    headers: dict[str, str | None] = dict(item.headers)
+    headers.update(
+        {
+            names.ATTEMPT: str(item.attempt + 1),
+            names.TARGET: identifier,
+            names.DUE_AT: str(now + wait),
+            names.ERROR_CODE: outcome.code,
+            names.ERROR_MESSAGE: outcome.message[:1000],
+            names.FIRST_FAILED_AT: item.headers.get(names.FIRST_FAILED_AT) or str(now),
+            names.LAST_FAILED_AT: str(now),
+        }
+    )
+    return Record(topics.delay_topic_for(wait), item.key, item.raw, headers)
+
+
+def _note(item: Item, step: str, target: str | None, **fields: Any) -> None:
+    """Note a write's step for ``GET /wal/messages/{id}`` (emitted with the batch)."""
+    STATUS.note(
+        item.headers.get(names.MESSAGE_ID),
+        item.namespace.name if item.namespace else metrics.UNKNOWN,
+        step,
+        target=target,
+        attempt=item.attempt,
+        transactionId=item.headers.get(names.TRANSACTION_ID),
+        **fields,
+    )
+
+
+def count(item: Item, target: str | None, outcome: str) -> None:
+    """Count an outcome in Prometheus and in the next stats delta, naming its record."""
+    namespace = item.namespace.name if item.namespace else metrics.UNKNOWN
+    metrics.MESSAGES.labels(namespace, "deliver", outcome).inc()
+    counted = item.source if outcome in ("retried", "parked") else origin(item)
+    _tally[(namespace, target or "", outcome)].append(counted)
+
+
+def origin(item: Item) -> str:
+    """The record a write's final outcome is counted against.
+
+    On its first pass, its ingest record: ingest re-reading a request after a crash
+    sends the write to ``wal-deliver`` again, and it must not count twice. Written as
+    ``ingest-topic/partition:deliver-partition/offset``, so each run of counted offsets
+    comes from one ingest partition through one deliver partition: in order (see
+    :func:`tables.stats.delta`). A write back from a delay tier (a retry, a park) and
+    a transaction's mutation count by their own ``wal-deliver`` record.
+    """
+    source = item.headers.get(names.SOURCE) or ""
+    parts = source.rsplit("/", 2)
+    if item.headers.get(names.TARGET) or len(parts) != 3:
+        return item.source
+    topic, partition, offset = parts
+    if not (partition.isdigit() and offset.isdigit()):
+        return item.source
+    through = item.source.rsplit("/", 2)[1]
+    return f"{topic}/{partition}:{through}/{offset}"
+
+
+def count_delivered(
+    namespace: str, identifier: str, members: list[Item], outcomes: list[Outcome]
+) -> None:
+    now = time.time()
+    latency = metrics.END_TO_END_SECONDS.labels(namespace)
+    waits = _latencies[(namespace, identifier)]  # since the last stats delta: other calls' too
+    sources = _tally[(namespace, identifier, "delivered")]
+    delivered = 0
+    for member, outcome in zip(members, outcomes, strict=True):
+        if outcome.ok:
+            received = member.headers.get(names.RECEIVED_AT)
+            if received:
+                seconds = max(0.0, now - int(received) / 1000)
+                latency.observe(seconds)
+                waits.append(int(seconds * 1000))
+            sources.append(origin(member))
+            delivered += 1
+    metrics.MESSAGES.labels(namespace, "deliver", "delivered").inc(delivered)
+
+
+def stats_deltas() -> list[Record]:
+    """The outcomes counted since the last call as ``wal-stats`` records (durable with the
+    batch's output), one per (namespace, target), naming the records they count."""
+    per_call: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(dict)
+    for (ns, target, outcome), sources in _tally.items():
+        per_call[(ns, target)][outcome] = sources
+    records = [
+        stats.delta(
+            ns,
+            target=target or None,
+            sources=sources,
+            latency_ms=_latencies.get((ns, target)),
+        )
+        for (ns, target), sources in per_call.items()
+    ]
+    _latencies.clear()
+    _tally.clear()
+    return records
+
+
+def dead_letter_of(item: Item, code: str, message: str, target: str | None = None) -> Record | None:
+    """The dead letter for an item, or None when its DLQ is disabled (then logged, dropped)."""
+    name = item.namespace.name if item.namespace else metrics.UNKNOWN
+    metrics.DEAD_LETTERS.labels(name, code).inc()
+    step = "dropped" if _dlq_disabled(item) else "dead_lettered"
+    _note(item, step, target, code=code, message=message[:300])
+    if _dlq_disabled(item):
+        count(item, target, "dropped")
+        message_id = item.headers.get(names.MESSAGE_ID)
+        log.warning(
+            "dropped %s (DLQ disabled): %s: %s",
+            message_id or item.source,
+            code,
+            message,
+            extra={"message_id": message_id, "namespace": name},
+        )
+        return None
+    count(item, target, "dead_lettered")
+    headers: dict[str, str | None] = dict(item.headers)
+    headers.update(
+        {names.TARGET: target, names.SOURCE: item.headers.get(names.SOURCE) or item.source}
+    )
+    key = item.headers.get(names.ORIGINAL_KEY)
+    original = key.encode() if key else None
+    return names.dead_letter(
+        _dlq_topic(item), original, item.raw, headers, code=code, message=message
+    )
+
+
+def _dlq_topic(item: Item) -> str:
+    return (item.namespace.dlq_config.topic_name if item.namespace else None) or topics.NAMES["dlq"]
+
+
+def _dlq_disabled(item: Item) -> bool:
+    namespace_off = item.namespace is not None and not item.namespace.dlq_config.enabled
+    request_off = item.raw is not None and not lifecycle(item).enable_dlq
+    return namespace_off or request_off
