@@ -14,21 +14,18 @@ from typing import Any
 
 from app import metrics
 from app.engine import producing
-from app.engine.batching import batches
+from app.engine.batching import batches, fold_within
 from app.engine.changelog import changelog_record
-from app.fleet import fleet
+from app.fleet import fleet, settings
 from app.topics import stats_topic
 from tables.stats import NamespaceStats, fold, parse, stats
-
-#: Stats are not latency-critical: large batches, one table write per namespace each.
-BATCH = 2000
-WITHIN_S = 0.5
 
 
 @fleet.agent(stats_topic, concurrency=1)
 async def fold_stats(stream: Any) -> None:
     """Fold every delta on ``wal-stats``; never raises."""
-    async for events in batches(stream, BATCH, WITHIN_S):
+    within = fold_within(settings.batch_within_ms)
+    async for events in batches(stream, settings.batch_size, within):
         metrics.BATCH_SIZE.labels("stats").observe(len(events))
         try:
             folded = _fold_batch(events, int(time.time() * 1000))

@@ -20,14 +20,11 @@ import orjson
 from aiokafka import TopicPartition
 
 from app import metrics
-from app.engine.batching import batches
+from app.engine.batching import batches, fold_within
 from app.engine.reading import plain_consumer, read_to_end
 from app.fleet import fleet, settings
 from app.topics import NAMES, status_topic
 from tables.status import StatusBook
-
-BATCH = 2000
-WITHIN_S = 0.2
 
 book = StatusBook(settings.status_capacity)
 _rebuilding: set[asyncio.Task[None]] = set()
@@ -36,7 +33,8 @@ _rebuilding: set[asyncio.Task[None]] = set()
 @fleet.agent(status_topic, concurrency=1)
 async def fold_statuses(stream: Any) -> None:
     """Fold every bundle on ``wal-status``; never raises."""
-    async for events in batches(stream, BATCH, WITHIN_S):
+    within = fold_within(settings.batch_within_ms)
+    async for events in batches(stream, settings.batch_size, within):
         metrics.BATCH_SIZE.labels("status").observe(len(events))
         skipped = _fold([(e.message.partition, e.message.offset, e.message.value) for e in events])
         if skipped:

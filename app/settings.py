@@ -67,10 +67,11 @@ class Settings(BaseSettings):
     """WAL_REDIS_URL: URL of the default Redis target."""
 
     batch_size: int = Field(default=2000, ge=1, le=100_000)
-    """WAL_BATCH_SIZE: most events an agent takes from its stream at once."""
+    """WAL_BATCH_SIZE: most events an agent takes from its stream at once (every agent)."""
 
     batch_within_ms: int = Field(default=20, ge=1, le=60_000)
-    """WAL_BATCH_WITHIN_MS: longest an agent waits to fill a batch. Paid twice from
+    """WAL_BATCH_WITHIN_MS: longest an agent waits to fill a batch; the status and stats
+    folds, which nobody waits on, wait ten times as long (at least 200 ms). Paid twice from
     ingest to target (ingest, deliver); under a backlog batches fill before it. At
     5 000 msgs/s on two workers 20 ms gave p50 ~80 / p99 ~170 ms against ~125 / ~240
     with 50 ms (``make bench``'s latency part, README)."""

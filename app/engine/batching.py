@@ -22,6 +22,17 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+#: How much longer than ``WAL_BATCH_WITHIN_MS`` the folds of statuses and statistics wait
+#: to fill a batch (at least :data:`FOLD_MIN_WITHIN_S`): nobody waits on them, and each
+#: batch rewrites a table value per namespace or id it touches.
+FOLD_WAIT_FACTOR = 10
+FOLD_MIN_WITHIN_S = 0.2
+
+
+def fold_within(batch_within_ms: int) -> float:
+    """The batch wait of a fold agent (status, stats), seconds."""
+    return max(FOLD_MIN_WITHIN_S, FOLD_WAIT_FACTOR * batch_within_ms / 1000)
+
 
 async def batches(stream: Any, size: int, within: float) -> AsyncIterator[list[Any]]:
     """Yield lists of up to ``size`` events of ``stream``, unacked (the caller acks)."""
