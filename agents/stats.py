@@ -14,7 +14,7 @@ from typing import Any
 
 from app import metrics
 from app.engine import producing
-from app.engine.batching import batches, fold_within
+from app.engine.batching import each_batch, fold_within
 from app.engine.changelog import changelog_record
 from app.fleet import fleet, settings
 from app.topics import stats_topic
@@ -25,18 +25,15 @@ from tables.stats import NamespaceStats, fold, parse, stats
 async def fold_stats(stream: Any) -> None:
     """Fold every delta on ``wal-stats``; never raises."""
     within = fold_within(settings.batch_within_ms)
-    async for events in batches(stream, settings.batch_size, within):
-        metrics.BATCH_SIZE.labels("stats").observe(len(events))
-        try:
-            folded = _fold_batch(events, int(time.time() * 1000))
-        except Exception:  # a bug of ours: these counts are lost, the stream goes on
-            fleet.log.exception("stats: folding a batch of %d failed; skipped", len(events))
-            folded = {}
-        if folded:
-            records = [changelog_record(stats, key, value) for key, value in folded.items()]
-            await producing.emit_until_durable(records, what=f"{len(records)} stats values")
-        for event in events:
-            await stream.ack(event)
+    await each_batch(stream, _fold_events, size=settings.batch_size, within=within)
+
+
+async def _fold_events(events: list[Any]) -> None:
+    metrics.BATCH_SIZE.labels("stats").observe(len(events))
+    folded = _fold_batch(events, int(time.time() * 1000))
+    if folded:
+        records = [changelog_record(stats, key, value) for key, value in folded.items()]
+        await producing.emit_until_durable(records, what=f"{len(records)} stats values")
 
 
 def _fold_batch(events: list[Any], now_ms: int) -> dict[bytes, bytes]:

@@ -20,7 +20,7 @@ import orjson
 from aiokafka import TopicPartition
 
 from app import metrics
-from app.engine.batching import batches, fold_within
+from app.engine.batching import each_batch, fold_within
 from app.engine.reading import plain_consumer, read_to_end
 from app.fleet import fleet, settings
 from app.topics import NAMES, status_topic
@@ -34,17 +34,18 @@ _rebuilding: set[asyncio.Task[None]] = set()
 async def fold_statuses(stream: Any) -> None:
     """Fold every bundle on ``wal-status``; never raises."""
     within = fold_within(settings.batch_within_ms)
-    async for events in batches(stream, settings.batch_size, within):
-        metrics.BATCH_SIZE.labels("status").observe(len(events))
-        skipped = _fold([(e.message.partition, e.message.offset, e.message.value) for e in events])
-        if skipped:
-            fleet.log.warning(
-                "status: skipped %d records that are not status bundles (first: %s)",
-                len(skipped),
-                skipped[0][:300],
-            )
-        for event in events:
-            await stream.ack(event)
+    await each_batch(stream, _fold_events, size=settings.batch_size, within=within)
+
+
+async def _fold_events(events: list[Any]) -> None:
+    metrics.BATCH_SIZE.labels("status").observe(len(events))
+    skipped = _fold([(e.message.partition, e.message.offset, e.message.value) for e in events])
+    if skipped:
+        fleet.log.warning(
+            "status: skipped %d records that are not status bundles (first: %s)",
+            len(skipped),
+            skipped[0][:300],
+        )
 
 
 def _fold(records: list[tuple[int, int, bytes | None]]) -> list[str]:

@@ -21,7 +21,7 @@ import orjson
 
 from app import metrics, names, topics
 from app.engine import producing
-from app.engine.batching import batches
+from app.engine.batching import each_batch
 from app.fleet import fleet, settings
 from app.names import Record
 from tables import transactions as txns
@@ -36,17 +36,19 @@ _forgets_sent: set[str] = set()
 @fleet.agent(txn_events_topic, concurrency=1)
 async def transactions(stream: Any) -> None:
     """Fold every transaction event and dispatch what it calls for; never raises."""
-    async for events in batches(stream, settings.batch_size, settings.batch_within_ms / 1000):
-        metrics.BATCH_SIZE.labels("transactions").observe(len(events))
-        states: dict[str, dict[str, Any] | None] = {}
-        records: list[Record] = []
-        for event in events:
-            records += _fold_one(event, states)
-        records += [txns.save(txn_id, state) for txn_id, state in states.items()]
-        if records:  # dispatches and the table's changelog, durable before the acks
-            await producing.emit_until_durable(records, what=f"{len(records)} transaction writes")
-        for event in events:
-            await stream.ack(event)
+    within = settings.batch_within_ms / 1000
+    await each_batch(stream, _transactions_batch, size=settings.batch_size, within=within)
+
+
+async def _transactions_batch(events: list[Any]) -> None:
+    metrics.BATCH_SIZE.labels("transactions").observe(len(events))
+    states: dict[str, dict[str, Any] | None] = {}
+    records: list[Record] = []
+    for event in events:
+        records += _fold_one(event, states)
+    records += [txns.save(txn_id, state) for txn_id, state in states.items()]
+    if records:  # dispatches and the table's changelog, durable before the acks
+        await producing.emit_until_durable(records, what=f"{len(records)} transaction writes")
 
 
 def _fold_one(event: Any, states: dict[str, dict[str, Any] | None]) -> list[Record]:

@@ -19,9 +19,11 @@ Around it:
 
 * :mod:`app.engine.guard` - the last check of every commit (an offset past records not
   proven done is refused, logged and counted).
-* :mod:`app.engine.lanes` - batches for the busiest agents (ingest, deliver): records
-  handed over in bulk, one ``Batch.ack`` for all of them.
-* :mod:`app.engine.batching` - batches for the other agents, on Faust's stream.
+* :mod:`app.engine.lanes` and :mod:`app.engine.batching` - one batch contract
+  (``each_batch``: the batch is acked once its handler returns; a handler that raises
+  leaves it unacked, logged, read again): ingest and deliver take records handed over
+  in bulk, transactions, status and stats Faust's stream events; the delay tiers use
+  ``batches`` and ack what they forward themselves.
 * :mod:`app.engine.offsets` - a read-only view of consumer state: assignment,
   committed and acked offsets, held partitions, lag (readiness, lag metrics, views).
 * :mod:`app.engine.store` - the ``rocksdb://`` table store, corrected.

@@ -19,8 +19,14 @@ background), so rebalances, flow control and ``wait_empty`` treat it alike.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+
+log = logging.getLogger("wal.batching")
+
+#: Pause after a batch failed unexpectedly, before the next one is taken (every agent).
+RETRY_PAUSE_S = 1.0
 
 #: How much longer than ``WAL_BATCH_WITHIN_MS`` the folds of statuses and statistics wait
 #: to fill a batch (at least :data:`FOLD_MIN_WITHIN_S`): nobody waits on them, and each
@@ -78,3 +84,28 @@ async def batches(stream: Any, size: int, within: float) -> AsyncIterator[list[A
             timer.cancel()
         stream.enable_acks = acks_were
         stream._processors.remove(collect)
+
+
+async def each_batch(
+    stream: Any, handle: Callable[[list[Any]], Awaitable[None]], *, size: int, within: float
+) -> None:
+    """Run ``handle`` on every batch of ``stream``'s events, then ack the batch: the same
+    contract as :func:`app.engine.lanes.each_batch` for ingest and deliver.
+
+    ``handle`` returns once the batch's effects are durable, and routes every failure
+    it knows of. One it did not foresee (a bug) must not end the agent (faust #175): it
+    is logged and the batch is left unacked - the commit rule holds its partitions and
+    :meth:`app.engine.consumer.StrictConsumer.heal` has them read again."""
+    async for events in batches(stream, size, within):
+        try:
+            await handle(events)
+        except Exception:
+            log.exception(
+                "%s: a batch of %d failed unexpectedly; released, to be read again",
+                stream.channel,
+                len(events),
+            )
+            await asyncio.sleep(RETRY_PAUSE_S)
+            continue
+        for event in events:
+            await stream.ack(event)

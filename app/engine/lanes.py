@@ -33,10 +33,9 @@ from typing import Any
 
 from faust.types import TP
 
-log = logging.getLogger("wal.lanes")
+from app.engine.batching import RETRY_PAUSE_S
 
-#: Pause after a batch failed unexpectedly, before the next one is taken.
-RETRY_PAUSE_S = 1.0
+log = logging.getLogger("wal.lanes")
 
 
 @dataclass(slots=True)

@@ -128,3 +128,37 @@ async def test_an_idle_stream_yields_nothing_and_arms_no_timer() -> None:
     task.cancel()
     assert got == []
     assert stream.wakeups == 1  # waiting once, not polling every window
+
+
+async def test_each_batch_acks_what_was_handled_and_leaves_a_failed_batch_unacked(
+    monkeypatch: Any,
+) -> None:
+    """The one failure rule of every agent: a batch whose handler raised is logged and
+    left unacked (read again after a heal), and the agent goes on with the next."""
+    from app.engine import batching
+
+    monkeypatch.setattr(batching, "RETRY_PAUSE_S", 0.0)
+    stream = FakeStream()
+    acked: list[Any] = []
+
+    async def ack(event: Any) -> None:
+        acked.append(event[1])
+
+    stream.ack = ack  # type: ignore[attr-defined]
+    handled: list[list[Any]] = []
+
+    async def handle(events: list[Any]) -> None:
+        handled.append([e[1] for e in events])
+        if len(handled) == 1:
+            raise RuntimeError("a bug")
+
+    runner = asyncio.ensure_future(batching.each_batch(stream, handle, size=2, within=30))
+    for value in ("a", "b", "c", "d"):
+        await stream.queue.put(value)
+    for _ in range(100):
+        if len(handled) == 2 and len(acked) == 2:
+            break
+        await asyncio.sleep(0.01)
+    runner.cancel()
+    assert handled == [["a", "b"], ["c", "d"]]
+    assert acked == ["c", "d"]  # a and b stay unacked: their partition is read again
