@@ -1,7 +1,7 @@
 """The Faust app: one per worker process, built from :class:`Settings` once.
 
 Agents, tables and views import ``fleet`` and ``settings`` from here by name.
-Discovery is explicit (``agents``, ``tables``, ``app.web.views``): never
+Discovery is explicit (``agents``, ``tables``, ``app.web``'s views): never
 ``autodiscover=True``, which would import ``targets/`` and ``deploy/``.
 """
 
@@ -120,7 +120,7 @@ install_monitor(fleet)
 
 #: What a worker runs: every module of these packages, and the views.
 ROLE_PACKAGES = ("agents", "tables")
-VIEWS = "app.web.views"
+VIEWS = ("app.web.views", "app.web.fleet_views")
 
 
 def discover() -> list[str]:
@@ -135,7 +135,7 @@ def discover() -> list[str]:
         for package in ROLE_PACKAGES
         for module in pkgutil.iter_modules(importlib.import_module(package).__path__)
     ]
-    names.append(VIEWS)
+    names += VIEWS
     for name in names:
         importlib.import_module(name)
     return names

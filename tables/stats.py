@@ -34,7 +34,6 @@ a namespace's deltas owns its value and answers its metrics view.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import orjson
 
 from app.fleet import fleet, settings
 from app.names import NAMESPACE, Record
+from app.sketch import LATENCY_BUCKETS, Sketch, cover, covered, merge, percentiles, sketch
 from app.topics import NAMES
 
 OUTCOMES = ("accepted", "rejected", "delivered", "retried", "dead_lettered", "dropped", "parked")
@@ -59,17 +59,12 @@ MAX_TARGETS = 64
 MAX_RANGES = 32
 #: At most this many (target, source partition) pairs are remembered per namespace.
 MAX_SEEN = 4096
-#: Latency buckets: 0 holds < 1 ms; i >= 1 holds [2**((i-1)/4), 2**(i/4)) ms; the last
-#: one everything longer (2**(127/4) ms is about 41 days: delays last at most 7).
-LATENCY_BUCKETS = 128
-_STEPS_PER_OCTAVE = 4
 #: A delta stamped further than this ahead of the folding worker's clock (or older than
 #: the hour) counts in the totals only: a wrong clock must not push real minutes out.
 _CLOCK_SKEW_MS = 5 * 60_000
 #: Windows for rates and latency percentiles, in minutes.
 WINDOWS = {"1m": 1, "5m": 5, "1h": 60}
 
-Sketch = dict[int, int]
 
 stats = fleet.Table(
     "stats",
@@ -229,51 +224,6 @@ def _bucket_index(key: Any) -> int:
 # -- the latency sketch ---------------------------------------------------------------------
 
 
-def bucket_of(ms: float) -> int:
-    """The latency bucket of ``ms`` milliseconds."""
-    if ms < 1:
-        return 0
-    return min(LATENCY_BUCKETS - 1, math.floor(math.log2(ms) * _STEPS_PER_OCTAVE) + 1)
-
-
-def bucket_value(index: int) -> float:
-    """A bucket's representative latency: the geometric middle of its bounds (ms)."""
-    if index == 0:
-        return 0.5
-    return float(2 ** ((index - 0.5) / _STEPS_PER_OCTAVE))
-
-
-def sketch(latencies_ms: Iterable[float]) -> Sketch:
-    out: Sketch = {}
-    for ms in latencies_ms:
-        index = bucket_of(ms)
-        out[index] = out.get(index, 0) + 1
-    return out
-
-
-def merge(into: Sketch, other: Mapping[int, int]) -> Sketch:
-    for index, n in other.items():
-        into[index] = into.get(index, 0) + n
-    return into
-
-
-def percentiles(counts: Mapping[int, int], qs: Iterable[float] = (0.5, 0.95, 0.99)) -> dict:
-    """``{"count": n, "p50": ms, ...}`` from a sketch; percentiles are None when it is empty."""
-    total = sum(counts.values())
-    out: dict[str, Any] = {"count": total}
-    ordered = sorted(counts.items())
-    for q in qs:
-        name = f"p{round(q * 100):d}"
-        out[name] = None
-        rank, seen = max(1, math.ceil(q * total)), 0
-        for index, n in ordered:
-            seen += n
-            if total and seen >= rank:
-                out[name] = round(bucket_value(index), 1)
-                break
-    return out
-
-
 # -- the folded value -----------------------------------------------------------------------
 
 
@@ -381,19 +331,6 @@ def _first_reads(value: NamespaceStats, d: Delta) -> tuple[dict[str, int], Sketc
         counts[REPLAYED] = counts.get(REPLAYED, 0) + sum(replayed.values())
     latency = {} if replayed.get("delivered") else d.latency
     return {k: n for k, n in counts.items() if n}, latency
-
-
-def covered(ranges: list[list[int]], lo: int, hi: int) -> int:
-    """How many offsets of ``lo..hi`` the sorted, disjoint ``ranges`` hold."""
-    return sum(max(0, min(hi, b) - max(lo, a) + 1) for a, b in ranges if a <= hi and b >= lo)
-
-
-def cover(ranges: list[list[int]], lo: int, hi: int) -> None:
-    """Add ``lo..hi`` to the sorted, disjoint ``ranges``, merging what touches it."""
-    keep = [r for r in ranges if r[1] < lo - 1 or r[0] > hi + 1]
-    touching = [r for r in ranges if not (r[1] < lo - 1 or r[0] > hi + 1)]
-    merged = [min([lo, *(r[0] for r in touching)]), max([hi, *(r[1] for r in touching)])]
-    ranges[:] = sorted([*keep, merged])
 
 
 def _add(into: dict[str, int], counts: Mapping[str, int]) -> None:

@@ -1,6 +1,6 @@
 """The fleet dashboard (``GET /wal/dashboard``): data in, one HTML page out.
 
-:func:`render` is a pure function of the data ``app.web.views`` gathers from
+:func:`render` is a pure function of the data ``app.web.fleet_views`` gathers from
 every worker; it escapes every value it prints, and the page refreshes itself
 every few seconds. No scripts, no external assets: inline CSS only.
 

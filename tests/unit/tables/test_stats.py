@@ -5,21 +5,18 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from app.sketch import LATENCY_BUCKETS, bucket_of, percentiles, sketch
 from app.topics import NAMES
 from tables.stats import (
-    LATENCY_BUCKETS,
     MAX_RANGES,
     MAX_TARGETS,
     MINUTES,
     Delta,
     NamespaceStats,
-    bucket_of,
     delta,
     fold,
     parse,
-    percentiles,
     rates,
-    sketch,
     summary,
 )
 
