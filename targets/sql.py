@@ -32,45 +32,31 @@ import contextlib
 import re
 import time
 import weakref
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
 import orjson
 import psycopg
 import sqlalchemy as sa
 from psycopg import sql as pgsql
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from app.errors import ConfigError
 from targets.base import (
     DELIVERED,
-    MISSING,
     Outcome,
     Target,
     Write,
-    at_path,
     permanent,
     retryable,
 )
+from targets.sql_errors import classify
+from targets.sql_rows import Invalid, Plan, RowsSpec, dialect_insert, runs
 
-_OPERATIONS = {"insert", "upsert", "update", "delete"}
 #: The most a :meth:`SqlTarget.probe` waits (for a pooled connection, connecting, the answer).
 PROBE_TIMEOUT_S = 2.0
-
-
-class _Invalid(Exception):
-    """An item that can never apply, found before the database is asked."""
-
-
-class _Plan(NamedTuple):
-    """One item ready to apply: its position in the batch, operation and row."""
-
-    position: int
-    write: Write
-    operation: str
-    row: dict[str, Any]
 
 
 class _Engines:
@@ -139,7 +125,7 @@ class SqlTarget(Target):
         if self.mode == "journal":
             self._table = _journal_table(self._metadata, self.config.get("table", "wal_messages"))
         else:
-            self._rows = _RowsSpec.from_config(self.name, self.config)
+            self._rows = RowsSpec.from_config(self.name, self.config)
             ledger = self.config.get("ledgerTable", "wal_ledger")
             self._ledger = _ledger_table(self._metadata, ledger)
         try:  # last: a target whose config fails holds no share of a pool
@@ -192,14 +178,14 @@ class SqlTarget(Target):
             return [retryable("TARGET_UNAVAILABLE", outcome.message)] * len(batch)
         outcomes: list[Outcome | None] = [None] * len(batch)
         first: dict[tuple[str, str], int] = {}  # the first item of each id; copies are replays
-        plans: list[_Plan] = []
+        plans: list[Plan] = []
         for i, item in enumerate(batch):
             if (item.namespace, item.id) in first:
                 continue
             first[(item.namespace, item.id)] = i
             try:
                 plans.append(self._plan(i, item))
-            except _Invalid as exc:
+            except Invalid as exc:
                 outcomes[i] = permanent("TARGET_REJECTED", str(exc)[:300])
         for plan, outcome in zip(plans, await self._apply_batch(plans), strict=True):
             outcomes[plan.position] = outcome
@@ -208,7 +194,7 @@ class SqlTarget(Target):
             for item, o in zip(batch, outcomes, strict=True)
         ]
 
-    async def _apply_batch(self, plans: list[_Plan]) -> list[Outcome]:
+    async def _apply_batch(self, plans: list[Plan]) -> list[Outcome]:
         """Apply in one transaction; on a data error, each item in a transaction of its own."""
         if not plans:
             return []
@@ -222,11 +208,11 @@ class SqlTarget(Target):
                 return [outcome] * len(plans)
         return [(await self._apply_batch([plan]))[0] for plan in plans]
 
-    def _plan(self, index: int, item: Write) -> _Plan:
+    def _plan(self, index: int, item: Write) -> Plan:
         if self.mode == "journal":
-            return _Plan(index, item, "journal", {})
+            return Plan(index, item, "journal", {})
         operation, row = self._rows.plan(item)
-        return _Plan(index, item, operation, row)
+        return Plan(index, item, operation, row)
 
     async def _prepare(self) -> None:
         """Create the journal or ledger table on first use (not in open: the DB may be down)."""
@@ -249,13 +235,13 @@ class SqlTarget(Target):
                     if "already exists" not in str(exc) or attempt == 2:
                         raise
 
-    async def _apply(self, conn: AsyncConnection, plans: list[_Plan]) -> None:
+    async def _apply(self, conn: AsyncConnection, plans: list[Plan]) -> None:
         if self.mode == "journal":
             await self._apply_journal(conn, plans)
         else:
             await self._apply_rows(conn, plans)
 
-    async def _apply_journal(self, conn: AsyncConnection, plans: list[_Plan]) -> None:
+    async def _apply_journal(self, conn: AsyncConnection, plans: list[Plan]) -> None:
         now_ms = int(time.time() * 1000)
         if conn.dialect.name == "postgresql":
             await self._copy_journal(conn, plans, now_ms)
@@ -270,12 +256,12 @@ class SqlTarget(Target):
             }
             for p in plans
         ]
-        stmt = _insert(conn, self._table).on_conflict_do_nothing(
+        stmt = dialect_insert(conn, self._table).on_conflict_do_nothing(
             index_elements=["namespace", "message_id"]
         )
         await conn.execute(stmt, rows)
 
-    async def _copy_journal(self, conn: AsyncConnection, plans: list[_Plan], now_ms: int) -> None:
+    async def _copy_journal(self, conn: AsyncConnection, plans: list[Plan], now_ms: int) -> None:
         """PostgreSQL: COPY the rows into a session's staging table, then one INSERT … ON
         CONFLICT DO NOTHING from it. A quarter of the CPU of a multi-row INSERT's
         parameters (measured: 3.5 against 15 µs a row of 1 KB), in the same transaction."""
@@ -314,24 +300,24 @@ class SqlTarget(Target):
                         " ON CONFLICT (namespace, message_id) DO NOTHING"
                     ).format(table, columns, columns, stage)
                 )
-        except psycopg.Error as exc:  # as SQLAlchemy would have raised it, for _classify
+        except psycopg.Error as exc:  # as SQLAlchemy would have raised it, for classify
             self._staged.discard(pg)  # created in a transaction that is rolled back
             raise sa_exc.DBAPIError.instance(None, None, exc, psycopg.Error) from exc
         except BaseException:
             self._staged.discard(pg)
             raise
 
-    async def _apply_rows(self, conn: AsyncConnection, plans: list[_Plan]) -> None:
+    async def _apply_rows(self, conn: AsyncConnection, plans: list[Plan]) -> None:
         fresh = await self._claim(conn, plans)
         todo = [p for p in plans if (p.write.namespace, p.write.id) in fresh]
-        for operation, run in _runs(todo):
+        for operation, run in runs(todo):
             await self._rows.execute(conn, operation, [p.row for p in run])
 
-    async def _claim(self, conn: AsyncConnection, plans: list[_Plan]) -> set[tuple[str, str]]:
+    async def _claim(self, conn: AsyncConnection, plans: list[Plan]) -> set[tuple[str, str]]:
         """Record the plans' ids in the ledger; return the (namespace, id) not applied before."""
         ledger = self._ledger
         stmt = (
-            _insert(conn, ledger)
+            dialect_insert(conn, ledger)
             .on_conflict_do_nothing(index_elements=["namespace", "target", "id"])
             .returning(ledger.c.namespace, ledger.c.id)
         )
@@ -344,114 +330,11 @@ class SqlTarget(Target):
         return {(ns, i) for ns, i in result}
 
     def _classify(self, exc: BaseException) -> Outcome:
-        outcome = _classify(exc)
+        outcome = classify(exc)
         if self._password and self._password in outcome.message:
             message = outcome.message.replace(self._password, "***")
             return Outcome(outcome.status, outcome.code, message, outcome.retry_after)
         return outcome
-
-
-class _RowsSpec:
-    """What ``rows`` mode writes where: table, key, column mapping, default operation."""
-
-    def __init__(
-        self, table_name: str, keys: list[str], columns: dict[str, str], operation: str
-    ) -> None:
-        self.table_name = table_name
-        self.keys = keys
-        self.columns = columns
-        self.default_operation = operation
-        self.table: sa.Table | None = None
-
-    @classmethod
-    def from_config(cls, name: str, config: Mapping[str, Any]) -> _RowsSpec:
-        table = config.get("table")
-        if not table:
-            raise ConfigError(f"sql target {name}: mode 'rows' needs a table")
-        keys = list(config.get("keyColumns") or [])
-        operation = config.get("operation", "upsert")
-        if operation not in _OPERATIONS:
-            raise ConfigError(f"sql target {name}: operation must be one of {sorted(_OPERATIONS)}")
-        if not keys and operation != "insert":
-            raise ConfigError(f"sql target {name}: '{operation}' needs keyColumns")
-        return cls(table, keys, dict(config.get("columns") or {}), operation)
-
-    def reflect(self, sync_conn: sa.Connection) -> sa.Table:
-        return sa.Table(self.table_name, sa.MetaData(), autoload_with=sync_conn)
-
-    def plan(self, item: Write) -> tuple[str, dict[str, Any]]:
-        """The item's operation and row; :class:`_Invalid` if it can never apply."""
-        assert self.table is not None
-        op = str(item.operation or item.options.get("operation") or self.default_operation).lower()
-        if op not in _OPERATIONS:
-            raise _Invalid(f"unknown operation {op!r}")
-        if self.columns:
-            row = {
-                c: v
-                for c, path in self.columns.items()
-                if (v := at_path(item.payload, path)) is not MISSING
-            }
-        else:
-            row = dict(item.payload)
-        unknown = sorted(set(row) - set(self.table.c.keys()))
-        if unknown:
-            raise _Invalid(f"table {self.table_name} has no column {', '.join(unknown)}")
-        if op != "insert":
-            if not self.keys:
-                raise _Invalid(f"'{op}' needs keyColumns")
-            missing = [k for k in self.keys if row.get(k) is None]
-            if missing:
-                raise _Invalid(f"no value for key column {', '.join(missing)}")
-        if op == "delete":
-            row = {k: row[k] for k in self.keys}
-        elif op == "update" and set(row) <= set(self.keys):
-            raise _Invalid("update has no column to set")
-        elif not row:
-            raise _Invalid("no column to write")
-        return op, row
-
-    async def execute(
-        self, conn: AsyncConnection, operation: str, rows: list[dict[str, Any]]
-    ) -> None:
-        table = self.table
-        assert table is not None
-        if operation == "insert":
-            for shape in _by_columns(rows):
-                await conn.execute(_insert(conn, table), shape)
-        elif operation == "upsert":
-            for shape in _by_columns(self._merged(rows)):
-                stmt = _insert(conn, table)
-                updates = {c: stmt.excluded[c] for c in shape[0] if c not in self.keys}
-                stmt = (
-                    stmt.on_conflict_do_update(index_elements=self.keys, set_=updates)
-                    if updates
-                    else stmt.on_conflict_do_nothing(index_elements=self.keys)
-                )
-                await conn.execute(stmt, shape)
-        elif operation == "update":
-            where = sa.and_(*(table.c[k] == sa.bindparam(f"k_{k}") for k in self.keys))
-            for shape in _by_columns(self._merged(rows)):
-                columns = [c for c in shape[0] if c not in self.keys]
-                values: dict[str, Any] = {c: sa.bindparam(f"v_{c}") for c in columns}
-                params = [
-                    {f"{'k' if c in self.keys else 'v'}_{c}": v for c, v in r.items()}
-                    for r in shape
-                ]
-                await conn.execute(table.update().where(where).values(values), params)
-        else:
-            where = sa.and_(*(table.c[k] == sa.bindparam(f"k_{k}") for k in self.keys))
-            params = [{f"k_{k}": r[k] for k in self.keys} for r in rows]
-            await conn.execute(table.delete().where(where), params)
-
-    def _merged(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One row per key, later values over earlier ones: the same effect as applying
-        them in order, and what one multi-row statement can do (PostgreSQL refuses to
-        touch a row twice in one ON CONFLICT statement)."""
-        merged: dict[tuple[Any, ...], dict[str, Any]] = {}
-        for row in rows:
-            key = tuple(row[k] for k in self.keys)
-            merged[key] = {**merged.get(key, {}), **row}
-        return list(merged.values())
 
 
 _JOURNAL_COLUMNS = "namespace, message_id, payload, received_at_ms, delivered_at_ms"
@@ -497,80 +380,9 @@ def _ledger_table(metadata: sa.MetaData, name: str) -> sa.Table:
     )
 
 
-def _insert(conn: AsyncConnection, table: sa.Table) -> Any:
-    """The dialect's INSERT, which knows ON CONFLICT."""
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
-
-
-def _runs(plans: list[_Plan]) -> list[tuple[str, list[_Plan]]]:
-    """Split plans into consecutive runs of one operation, keeping their order."""
-    runs: list[tuple[str, list[_Plan]]] = []
-    for plan in plans:
-        if runs and runs[-1][0] == plan.operation:
-            runs[-1][1].append(plan)
-        else:
-            runs.append((plan.operation, [plan]))
-    return runs
-
-
-def _by_columns(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Group rows by their set of columns: one multi-row statement per shape."""
-    shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for row in rows:
-        shapes.setdefault(tuple(sorted(row)), []).append(row)
-    return list(shapes.values())
-
-
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()
-
-
-def _classify(exc: BaseException) -> Outcome:
-    """Translate a database error into an outcome; the message never holds the URL."""
-    if isinstance(exc, asyncio.CancelledError):
-        raise exc
-    name = type(getattr(exc, "orig", None) or exc).__name__
-    message = f"{name}: {_first_line(exc)}"
-    if isinstance(exc, sa_exc.DBAPIError) and _is_transient(exc):
-        return retryable("TARGET_UNAVAILABLE", message)
-    if isinstance(exc, (sa_exc.IntegrityError, sa_exc.DataError, sa_exc.ProgrammingError)):
-        return permanent("TARGET_REJECTED", message)
-    sqlite_refusal = _is_sqlite(exc) and not _is_sqlite_transient(exc)
-    if isinstance(exc, sa_exc.OperationalError) and sqlite_refusal:
-        return permanent("TARGET_REJECTED", message)
-    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, OSError, TimeoutError)):
-        return retryable("TARGET_UNAVAILABLE", message)
-    if isinstance(exc, sa_exc.DBAPIError):
-        return retryable("TARGET_ERROR", message)
-    if isinstance(exc, (sa_exc.StatementError, sa_exc.CompileError)):
-        # Raised before the database saw the statement: a value no column type takes.
-        return permanent("TARGET_REJECTED", message)
-    return retryable("TARGET_ERROR", name)
-
-
-def _is_transient(exc: sa_exc.DBAPIError) -> bool:
-    # A table missing while it is being created (PostgreSQL undefined_table,
-    # SQLite "no such table") is the one schema error worth retrying.
-    sqlstate = getattr(exc.orig, "sqlstate", None)
-    return sqlstate == "42P01" or "no such table" in str(exc.orig)
-
-
-def _is_sqlite(exc: BaseException) -> bool:
-    orig = getattr(exc, "orig", None)
-    return type(orig).__module__.startswith(("sqlite3", "aiosqlite"))
-
-
-def _is_sqlite_transient(exc: BaseException) -> bool:
-    # SQLite reports schema and SQL errors as OperationalError too; only these pass.
-    text = str(getattr(exc, "orig", exc)).lower()
-    return any(s in text for s in ("locked", "busy", "unable to open", "disk i/o", "readonly"))
-
-
-def _first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    text = str(orig).strip().splitlines()
-    return (text[0] if text else type(orig).__name__)[:300]

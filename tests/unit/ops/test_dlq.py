@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from app.ops.cli import main
-from app.ops.dlq import Filter, Letter, format_ms, parse_when, render, replay_headers
+from app.ops.dlq import replay_headers
+from app.ops.letters import Filter, Letter, format_ms, parse_when, render
 
 NOW = 1_800_000_000_000
 MINUTE = 60_000

@@ -10,7 +10,8 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from targets.base import Write
-from targets.sql import _classify, _Invalid, _RowsSpec
+from targets.sql_errors import classify
+from targets.sql_rows import Invalid, RowsSpec
 
 TABLE = sa.Table(
     "items",
@@ -21,14 +22,14 @@ TABLE = sa.Table(
 )
 
 
-def spec(columns: dict[str, str] | None = None, operation: str = "upsert") -> _RowsSpec:
+def spec(columns: dict[str, str] | None = None, operation: str = "upsert") -> RowsSpec:
     config = {"table": "items", "keyColumns": ["id"], "columns": columns, "operation": operation}
-    s = _RowsSpec.from_config("db", config)
+    s = RowsSpec.from_config("db", config)
     s.table = TABLE
     return s
 
 
-def plan(s: _RowsSpec, payload: dict[str, Any], op: str | None = None) -> tuple[str, dict]:
+def plan(s: RowsSpec, payload: dict[str, Any], op: str | None = None) -> tuple[str, dict]:
     return s.plan(Write(id="m", namespace="ns", payload=payload, operation=op))
 
 
@@ -53,7 +54,7 @@ def test_mapping_takes_paths_and_leaves_out_what_is_missing() -> None:
     ],
 )
 def test_refused_before_the_database(payload: dict[str, Any], op: str | None, fault: str) -> None:
-    with pytest.raises(_Invalid, match=fault):
+    with pytest.raises(Invalid, match=fault):
         plan(spec(), payload, op)
 
 
@@ -106,6 +107,6 @@ def wrapped(cls: type[sa_exc.DBAPIError], orig: Exception) -> sa_exc.DBAPIError:
     ],
 )
 def test_classify(exc: Exception, status: str, code: str) -> None:
-    outcome = _classify(exc)
+    outcome = classify(exc)
     assert (outcome.status, outcome.code) == (status, code)
     assert "param" not in outcome.message and "INSERT" not in outcome.message

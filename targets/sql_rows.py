@@ -1,0 +1,161 @@
+"""Rows mode of the SQL target: which table, key and columns a write maps to, the
+statements for each operation (insert, update, upsert, delete), and runs of writes
+that can go in one statement."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.errors import ConfigError
+from targets.base import (
+    MISSING,
+    Write,
+    at_path,
+)
+
+OPERATIONS = {"insert", "upsert", "update", "delete"}
+
+
+class Plan(NamedTuple):
+    """One item ready to apply: its position in the batch, operation and row."""
+
+    position: int
+    write: Write
+    operation: str
+    row: dict[str, Any]
+
+
+def dialect_insert(conn: AsyncConnection, table: sa.Table) -> Any:
+    """The dialect's INSERT, which knows ON CONFLICT."""
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+class Invalid(Exception):
+    """An item that can never apply, found before the database is asked."""
+
+
+class RowsSpec:
+    """What ``rows`` mode writes where: table, key, column mapping, default operation."""
+
+    def __init__(
+        self, table_name: str, keys: list[str], columns: dict[str, str], operation: str
+    ) -> None:
+        self.table_name = table_name
+        self.keys = keys
+        self.columns = columns
+        self.default_operation = operation
+        self.table: sa.Table | None = None
+
+    @classmethod
+    def from_config(cls, name: str, config: Mapping[str, Any]) -> RowsSpec:
+        table = config.get("table")
+        if not table:
+            raise ConfigError(f"sql target {name}: mode 'rows' needs a table")
+        keys = list(config.get("keyColumns") or [])
+        operation = config.get("operation", "upsert")
+        if operation not in OPERATIONS:
+            raise ConfigError(f"sql target {name}: operation must be one of {sorted(OPERATIONS)}")
+        if not keys and operation != "insert":
+            raise ConfigError(f"sql target {name}: '{operation}' needs keyColumns")
+        return cls(table, keys, dict(config.get("columns") or {}), operation)
+
+    def reflect(self, sync_conn: sa.Connection) -> sa.Table:
+        return sa.Table(self.table_name, sa.MetaData(), autoload_with=sync_conn)
+
+    def plan(self, item: Write) -> tuple[str, dict[str, Any]]:
+        """The item's operation and row; :class:`Invalid` if it can never apply."""
+        assert self.table is not None
+        op = str(item.operation or item.options.get("operation") or self.default_operation).lower()
+        if op not in OPERATIONS:
+            raise Invalid(f"unknown operation {op!r}")
+        if self.columns:
+            row = {
+                c: v
+                for c, path in self.columns.items()
+                if (v := at_path(item.payload, path)) is not MISSING
+            }
+        else:
+            row = dict(item.payload)
+        unknown = sorted(set(row) - set(self.table.c.keys()))
+        if unknown:
+            raise Invalid(f"table {self.table_name} has no column {', '.join(unknown)}")
+        if op != "insert":
+            if not self.keys:
+                raise Invalid(f"'{op}' needs keyColumns")
+            missing = [k for k in self.keys if row.get(k) is None]
+            if missing:
+                raise Invalid(f"no value for key column {', '.join(missing)}")
+        if op == "delete":
+            row = {k: row[k] for k in self.keys}
+        elif op == "update" and set(row) <= set(self.keys):
+            raise Invalid("update has no column to set")
+        elif not row:
+            raise Invalid("no column to write")
+        return op, row
+
+    async def execute(
+        self, conn: AsyncConnection, operation: str, rows: list[dict[str, Any]]
+    ) -> None:
+        table = self.table
+        assert table is not None
+        if operation == "insert":
+            for shape in by_columns(rows):
+                await conn.execute(dialect_insert(conn, table), shape)
+        elif operation == "upsert":
+            for shape in by_columns(self._merged(rows)):
+                stmt = dialect_insert(conn, table)
+                updates = {c: stmt.excluded[c] for c in shape[0] if c not in self.keys}
+                stmt = (
+                    stmt.on_conflict_do_update(index_elements=self.keys, set_=updates)
+                    if updates
+                    else stmt.on_conflict_do_nothing(index_elements=self.keys)
+                )
+                await conn.execute(stmt, shape)
+        elif operation == "update":
+            where = sa.and_(*(table.c[k] == sa.bindparam(f"k_{k}") for k in self.keys))
+            for shape in by_columns(self._merged(rows)):
+                columns = [c for c in shape[0] if c not in self.keys]
+                values: dict[str, Any] = {c: sa.bindparam(f"v_{c}") for c in columns}
+                params = [
+                    {f"{'k' if c in self.keys else 'v'}_{c}": v for c, v in r.items()}
+                    for r in shape
+                ]
+                await conn.execute(table.update().where(where).values(values), params)
+        else:
+            where = sa.and_(*(table.c[k] == sa.bindparam(f"k_{k}") for k in self.keys))
+            params = [{f"k_{k}": r[k] for k in self.keys} for r in rows]
+            await conn.execute(table.delete().where(where), params)
+
+    def _merged(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One row per key, later values over earlier ones: the same effect as applying
+        them in order, and what one multi-row statement can do (PostgreSQL refuses to
+        touch a row twice in one ON CONFLICT statement)."""
+        merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for row in rows:
+            key = tuple(row[k] for k in self.keys)
+            merged[key] = {**merged.get(key, {}), **row}
+        return list(merged.values())
+
+
+def runs(plans: list[Plan]) -> list[tuple[str, list[Plan]]]:
+    """Split plans into consecutive runs of one operation, keeping their order."""
+    runs: list[tuple[str, list[Plan]]] = []
+    for plan in plans:
+        if runs and runs[-1][0] == plan.operation:
+            runs[-1][1].append(plan)
+        else:
+            runs.append((plan.operation, [plan]))
+    return runs
+
+
+def by_columns(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Group rows by their set of columns: one multi-row statement per shape."""
+    shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        shapes.setdefault(tuple(sorted(row)), []).append(row)
+    return list(shapes.values())
