@@ -17,11 +17,11 @@ import contextlib
 from typing import Any
 
 import orjson
-from aiokafka import TopicPartition
 
 from app import metrics
 from app.engine.batching import each_batch, fold_within
-from app.engine.reading import plain_consumer, read_to_end
+from app.engine.clients import TopicPartition, plain_consumer
+from app.engine.reading import read_to_end
 from app.fleet import fleet, settings
 from app.topics import NAMES, status_topic
 from tables.status import StatusBook

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-import ssl
 from typing import Any
 
 import faust
-from aiokafka import codec
-from aiokafka.helpers import create_ssl_context
 
 from app.engine import consumer, store
+from app.engine.clients import has_codec, ssl_context
 from app.engine.partitioner import partitioner
 from app.engine.sensors import install_monitor
 from app.models import MAX_REQUEST_BYTES, TOPIC_MAX_MESSAGE_BYTES
@@ -28,13 +26,7 @@ store.install()  # rocksdb:// -> app.engine.store:RocksStore
 
 def broker_credentials(s: Settings) -> Any:
     """Faust credentials for the configured Kafka security, or None for PLAINTEXT."""
-    context: ssl.SSLContext | None = None
-    if s.security_protocol in ("SSL", "SASL_SSL"):
-        context = create_ssl_context(
-            cafile=s.ssl_cafile or None,
-            certfile=s.ssl_certfile or None,
-            keyfile=s.ssl_keyfile or None,
-        )
+    context = ssl_context(s)
     if s.security_protocol.startswith("SASL"):
         return faust.SASLCredentials(
             username=s.sasl_username,
@@ -91,7 +83,7 @@ def compression(s: Settings) -> str | None:
     at start, not a producer that fails on its first record."""
     if s.producer_compression == "none":
         return None
-    if not getattr(codec, f"has_{s.producer_compression}")():
+    if not has_codec(s.producer_compression):
         raise RuntimeError(
             f"WAL_PRODUCER_COMPRESSION={s.producer_compression}: its codec is not installed"
         )

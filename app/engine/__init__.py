@@ -24,6 +24,11 @@ Around it:
   leaves it unacked, logged, read again): ingest and deliver take records handed over
   in bulk, transactions, status and stats Faust's stream events; the delay tiers use
   ``batches`` and ack what they forward themselves.
+* :mod:`app.engine.producing` - ``emit``/``emit_until_durable``: durable produce, awaited
+  with the batch; :mod:`app.engine.changelog` - table state written with the batch.
+* :mod:`app.engine.reading` - a topic (or partitions) read to its end, outside any group;
+  :mod:`app.engine.clients` - plain clients and the security every client shares;
+  :mod:`app.engine.admin` - the fleet's topics created with their settings.
 * :mod:`app.engine.offsets` - a read-only view of consumer state: assignment,
   committed and acked offsets, held partitions, lag (readiness, lag metrics, views).
 * :mod:`app.engine.store` - the ``rocksdb://`` table store, corrected.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -14,6 +13,7 @@ from aiokafka.errors import (
     TopicAlreadyExistsError,
 )
 
+from app.engine.clients import security
 from app.models import TOPIC_MAX_MESSAGE_BYTES
 from app.names import topic_names
 from app.settings import Settings
@@ -26,7 +26,7 @@ async def ensure_topics(s: Settings, *, timeout: float = 30.0) -> list[str]:
     admin = AIOKafkaAdminClient(
         bootstrap_servers=s.bootstrap_servers,
         request_timeout_ms=int(timeout * 1000),
-        **admin_security(s),
+        **security(s),
     )
     await admin.start()
     try:
@@ -87,23 +87,3 @@ async def record_limits(admin: AIOKafkaAdminClient, names: Sequence[str]) -> dic
                 if entry[0] == "max.message.bytes" and entry[1] is not None:
                     limits[name] = int(entry[1])
     return limits
-
-
-def admin_security(s: Settings) -> dict[str, Any]:
-    """aiokafka client keyword arguments for the configured Kafka security."""
-    if s.security_protocol == "PLAINTEXT":
-        return {}
-    from app.fleet import broker_credentials
-
-    creds = broker_credentials(s)
-    kwargs: dict[str, Any] = {"security_protocol": s.security_protocol}
-    if s.security_protocol.startswith("SASL"):
-        kwargs.update(
-            sasl_mechanism=s.sasl_mechanism,
-            sasl_plain_username=s.sasl_username,
-            sasl_plain_password=s.sasl_password.get_secret_value(),
-        )
-    context = getattr(creds, "ssl_context", None) or getattr(creds, "context", None)
-    if context is not None:
-        kwargs["ssl_context"] = context
-    return kwargs

@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from app import metrics, names, topics
-from app.engine.admin import admin_security
+from app.engine.clients import security
 from app.engine.reading import partitions_of
 from app.fleet import fleet, settings
 from app.settings import Settings
@@ -327,10 +327,12 @@ class Probe:
     async def _start(self) -> None:
         if self._admin is not None and self._consumer is not None:
             return
-        security = admin_security(self.settings)
+        security_kwargs = security(self.settings)
         servers = self.settings.bootstrap_servers
-        admin = AIOKafkaAdminClient(bootstrap_servers=servers, **security)
-        consumer = AIOKafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, **security)
+        admin = AIOKafkaAdminClient(bootstrap_servers=servers, **security_kwargs)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=servers, enable_auto_commit=False, **security_kwargs
+        )
         await admin.start()
         try:
             await consumer.start()

@@ -17,21 +17,11 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from app.engine.admin import admin_security
+from app.engine.clients import plain_consumer
 from app.settings import Settings
 
 #: Records per fetch when reading to the end.
 MAX_RECORDS = 2000
-
-
-def plain_consumer(s: Settings) -> AIOKafkaConsumer:
-    """A consumer in no group, reading from the beginning, committing nothing (not started)."""
-    return AIOKafkaConsumer(
-        bootstrap_servers=s.bootstrap_servers,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        **admin_security(s),
-    )
 
 
 async def partitions_of(

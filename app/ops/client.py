@@ -11,10 +11,10 @@ from collections.abc import Iterable
 from typing import IO, Any
 
 import orjson
-from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
-from app.engine.admin import admin_security, ensure_topics
+from app.engine.admin import ensure_topics
+from app.engine.clients import plain_producer
 from app.engine.reading import read_topic
 from app.models import Namespace
 from app.names import encode_headers, topic_names
@@ -25,14 +25,7 @@ def validate(doc: dict[str, Any]) -> Namespace:
     return Namespace.model_validate(doc)
 
 
-def producer(s: Settings, **kwargs: Any) -> AIOKafkaProducer:
-    return AIOKafkaProducer(
-        bootstrap_servers=s.bootstrap_servers,
-        acks="all",
-        enable_idempotence=True,
-        **admin_security(s),
-        **kwargs,
-    )
+producer = plain_producer
 
 
 async def read_all(s: Settings) -> dict[str, Namespace]:

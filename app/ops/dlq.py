@@ -28,12 +28,11 @@ from typing import Any
 
 import click
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
 from tqdm import tqdm
 
 from app import names
-from app.engine.reading import partitions_of, plain_consumer, read_to_end
+from app.engine.clients import Consumer, KafkaError, Producer, TopicPartition, plain_consumer
+from app.engine.reading import partitions_of, read_to_end
 from app.errors import CODES
 from app.ops.client import producer
 from app.ops.letters import Filter, Letter, RawHeaders, Scope, parse_when, render
@@ -71,7 +70,7 @@ def replay_headers(raw: Iterable[tuple[str, bytes]], replayed_from: str) -> RawH
 
 
 async def _ranges(
-    consumer: AIOKafkaConsumer, topic: str, at: tuple[int, int] | None
+    consumer: Consumer, topic: str, at: tuple[int, int] | None
 ) -> dict[TopicPartition, tuple[int, int]]:
     """Offsets to read per partition: [beginning, current end), or just ``at``."""
     tps = await partitions_of(consumer, topic, refresh=True)
@@ -87,7 +86,7 @@ async def _ranges(
 
 
 async def _read(
-    consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int
+    consumer: Consumer, tp: TopicPartition, start: int, end: int
 ) -> AsyncGenerator[Any, None]:
     try:
         async for batch in read_to_end(
@@ -170,7 +169,7 @@ async def replay(
 
 
 async def _send(
-    p: AIOKafkaProducer,
+    p: Producer,
     to: str,
     letter: Letter,
     pending: list[tuple[Letter, asyncio.Future[Any]]],

@@ -22,9 +22,8 @@ from pathlib import Path
 from string import Template
 
 import click
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
 
+from app.engine.clients import KafkaError, admin_client
 from app.ops.databases import (
     postgres_down,
     postgres_status,
@@ -142,7 +141,7 @@ def _kafka_answers(port: int) -> bool:
     """A metadata round trip: the port opens before the broker serves requests."""
 
     async def probe() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=f"{HOST}:{port}", request_timeout_ms=5000)
+        admin = admin_client(f"{HOST}:{port}", request_timeout_ms=5000)
         try:
             await admin.start()
             await admin.list_topics()
