@@ -62,7 +62,14 @@ from agents.deliver.calls import (
     target_for,
 )
 from agents.deliver.items import JOURNAL, Item, ordered
-from agents.deliver.outcomes import STATUS, dead_letter_of, follow_ups_of, park, stats_deltas
+from agents.deliver.outcomes import (
+    begin,
+    current,
+    dead_letter_of,
+    follow_ups_of,
+    park,
+    stats_deltas,
+)
 from agents.deliver.waves import parked, wave
 from app import metrics, names, topics
 from app.engine import producing
@@ -142,6 +149,7 @@ async def deliver(stream: Any) -> None:
 
 
 async def _deliver_batch(batch: Batch) -> None:
+    begin()  # this batch's counts and notes, apart from any other batch's
     metrics.BATCH_SIZE.labels("deliver").observe(len(batch))
     items = [_item(message) for message in batch.records]
     follow_ups = [r for item in items if (r := _plan(item)) is not None]
@@ -189,10 +197,8 @@ async def _finish_late(batch: Batch, follow_ups: list[Record], late: list[Call])
 
 async def _finish(batch: Batch, follow_ups: list[Record]) -> None:
     """Make the batch's follow-ups durable, then ack its records."""
-    # Shared with a batch of other partitions worked on meanwhile: its outcomes so far
-    # may go out with this one (statistics and statuses are at-least-once, idempotent).
     follow_ups += stats_deltas()
-    follow_ups += STATUS.drain(topics.NAMES["status"], settings.partitions)
+    follow_ups += current().status.drain(topics.NAMES["status"], settings.partitions)
     if follow_ups:
         what = f"{len(follow_ups)} retries/dead letters"
         await producing.emit_until_durable(follow_ups, what=what)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import replace
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from agents.deliver.items import Item, lifecycle, ordered
@@ -22,15 +23,38 @@ if TYPE_CHECKING:
 log = logging.getLogger("wal.deliver")
 
 
-STATUS = Collector()
+@dataclass(slots=True)
+class Tally:
+    r"""What one batch decided, to go out with its records: the sources each stats outcome
+    counts ((namespace, target, outcome) -> ``Item.source``\ s), latencies per (namespace,
+    target), and its status notes. One per batch (:func:`begin`), never shared: a
+    batch's calls and its late finish see it through their context."""
+
+    sources: defaultdict[tuple[str, str, str], list[str]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    latencies: defaultdict[tuple[str, str], list[int]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    status: Collector = field(default_factory=Collector)
 
 
-#: Outcomes for ``wal-stats`` since the last batch emitted them: (namespace, target,
-#: outcome) -> the sources (``Item.source``) counted; latencies per (namespace, target).
-_tally: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+_batch: ContextVar[Tally] = ContextVar("deliver_batch")
 
 
-_latencies: dict[tuple[str, str], list[int]] = defaultdict(list)
+def begin() -> Tally:
+    """A new batch: its own tally, for this task and the tasks it starts."""
+    tally = Tally()
+    _batch.set(tally)
+    return tally
+
+
+def current() -> Tally:
+    """The tally of the batch being worked on (one of its own outside a batch)."""
+    try:
+        return _batch.get()
+    except LookupError:
+        return begin()
 
 
 #: How long a write parked behind its key (or a slow target) waits before it asks again.
@@ -150,7 +174,7 @@ def _retry(item: Item, identifier: str, outcome: Outcome, now: int, wait: int) -
 
 def _note(item: Item, step: str, target: str | None, **fields: Any) -> None:
     """Note a write's step for ``GET /wal/messages/{id}`` (emitted with the batch)."""
-    STATUS.note(
+    current().status.note(
         item.headers.get(names.MESSAGE_ID),
         item.namespace.name if item.namespace else metrics.UNKNOWN,
         step,
@@ -166,7 +190,7 @@ def count(item: Item, target: str | None, outcome: str) -> None:
     namespace = item.namespace.name if item.namespace else metrics.UNKNOWN
     metrics.MESSAGES.labels(namespace, "deliver", outcome).inc()
     counted = item.source if outcome in ("retried", "parked") else origin(item)
-    _tally[(namespace, target or "", outcome)].append(counted)
+    current().sources[(namespace, target or "", outcome)].append(counted)
 
 
 def origin(item: Item) -> str:
@@ -195,8 +219,9 @@ def count_delivered(
 ) -> None:
     now = time.time()
     latency = metrics.END_TO_END_SECONDS.labels(namespace)
-    waits = _latencies[(namespace, identifier)]  # since the last stats delta: other calls' too
-    sources = _tally[(namespace, identifier, "delivered")]
+    tally = current()
+    waits = tally.latencies[(namespace, identifier)]
+    sources = tally.sources[(namespace, identifier, "delivered")]
     delivered = 0
     for member, outcome in zip(members, outcomes, strict=True):
         if outcome.ok:
@@ -211,22 +236,23 @@ def count_delivered(
 
 
 def stats_deltas() -> list[Record]:
-    """The outcomes counted since the last call as ``wal-stats`` records (durable with the
-    batch's output), one per (namespace, target), naming the records they count."""
+    """This batch's outcomes as ``wal-stats`` records (durable with the batch's output),
+    one per (namespace, target), naming the records they count."""
+    tally = current()
     per_call: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(dict)
-    for (ns, target, outcome), sources in _tally.items():
+    for (ns, target, outcome), sources in tally.sources.items():
         per_call[(ns, target)][outcome] = sources
     records = [
         stats.delta(
             ns,
             target=target or None,
             sources=sources,
-            latency_ms=_latencies.get((ns, target)),
+            latency_ms=tally.latencies.get((ns, target)),
         )
         for (ns, target), sources in per_call.items()
     ]
-    _latencies.clear()
-    _tally.clear()
+    tally.latencies.clear()
+    tally.sources.clear()
     return records
 
 

@@ -30,13 +30,37 @@ def test_retries_parks_and_mutations_count_by_their_own_deliver_record() -> None
 
 
 def test_the_deltas_name_what_they_count_per_target() -> None:
-    outcomes._tally.clear()
+    outcomes.begin()
     first = item("w-deliver/2/900", **{names.SOURCE: "w-ingest/1/17"})
     outcomes.count(first, "pg", "dead_lettered")
     outcomes.count(first, "cache", "retried")
     records = outcomes.stats_deltas()
-    assert outcomes._tally == {}
+    assert outcomes.current().sources == {}
     by_target = {parse(r.value).target: parse(r.value) for r in records}
     assert by_target["pg"].sources == {"dead_lettered": {"w-ingest/1:2": [(17, 17)]}}
     assert by_target["cache"].sources == {"retried": {"w-deliver/2": [(900, 900)]}}
     assert by_target["pg"].counts == {"dead_lettered": 1}
+
+
+async def test_concurrent_batches_each_send_out_only_their_own_counts() -> None:
+    """Each batch has its tally (``outcomes.begin``): batches worked on at once - two
+    slots of partitions, or a batch finishing late behind a slow call - never send out
+    each other's counts or notes."""
+    import asyncio
+
+    first_counted, second_may_finish = asyncio.Event(), asyncio.Event()
+
+    async def batch(offset: int, *, wait: bool) -> list[dict[str, list[tuple[int, int]]]]:
+        outcomes.begin()
+        outcomes.count(item(f"w-deliver/0/{offset}"), "pg", "retried")
+        first_counted.set()
+        if wait:
+            await second_may_finish.wait()  # the other batch finishes meanwhile
+        return [parse(r.value).sources["retried"] for r in outcomes.stats_deltas()]
+
+    slow = asyncio.ensure_future(batch(1, wait=True))
+    await first_counted.wait()
+    fast = await asyncio.ensure_future(batch(2, wait=False))
+    second_may_finish.set()
+    assert fast == [{"w-deliver/0": [(2, 2)]}]
+    assert await slow == [{"w-deliver/0": [(1, 1)]}]
