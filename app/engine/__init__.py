@@ -26,6 +26,8 @@ Around it:
   ``batches`` and ack what they forward themselves.
 * :mod:`app.engine.producing` - ``emit``/``emit_until_durable``: durable produce, awaited
   with the batch; :mod:`app.engine.changelog` - table state written with the batch.
+* :mod:`app.engine.parking` - a delay tier's partition paused while its head sleeps,
+  sought back and resumed before it wakes.
 * :mod:`app.engine.reading` - a topic (or partitions) read to its end, outside any group;
   :mod:`app.engine.clients` - plain clients and the security every client shares;
   :mod:`app.engine.admin` - the fleet's topics created with their settings.

@@ -9,7 +9,8 @@ from typing import Any
 
 from faust.types import TP
 
-from agents.delay import Holding, Parking, wake_at_ms
+from agents.delay import Holding, wake_at_ms
+from app.engine.parking import Parking
 
 
 @dataclass(frozen=True)

@@ -189,7 +189,12 @@ PINS: tuple[Pin, ...] = (
         "faust.transport.consumer.Consumer.seek",
         "b86a9fe05f956b30cf299c787b6787c6e0349cbf1ae556f2456a1e97b15dbb22",
         RELIES,
-        (f"{SC}.heal", "agents.delay:Parking._rewind", f"{SC}._seek_many", f"{SC}._perform_seek"),
+        (
+            f"{SC}.heal",
+            "app.engine.parking:Parking._rewind",
+            f"{SC}._seek_many",
+            f"{SC}._perform_seek",
+        ),
         "heal and the parked delay tiers seek through it: it calls _seek (ours), then sets "
         "_read_offset to the offset or None, which _seek_many and _perform_seek copy for the "
         "seeks they make themselves",
@@ -352,7 +357,7 @@ PINS: tuple[Pin, ...] = (
         "faust.transport.consumer.Consumer.pause_partitions",
         "27a1c94bdacd54de06593ec4eb040b32e9e7c9534e9af041f6ed66723df5f922",
         RELIES,
-        ("agents.delay:Parking.park", f"{SC}.paused"),
+        ("app.engine.parking:Parking.park", f"{SC}.paused"),
         "a parked delay tier pauses its partition: it must leave the active set (not "
         "fetched) and join _paused_partitions (read by paused(), stranded(), unsought())",
         (
@@ -364,7 +369,7 @@ PINS: tuple[Pin, ...] = (
         "faust.transport.consumer.Consumer.resume_partitions",
         "afe6b7c02a41d63cd46d47a03f09b547c85289c108de21d682970057d1015c3b",
         RELIES,
-        ("agents.delay:Parking._rewind",),
+        ("app.engine.parking:Parking._rewind",),
         "a parked delay tier resumes its partition after seeking it back to its head",
         (
             "test_a_parked_partition_holds_what_follows_its_head_and_rereads_from_it",
