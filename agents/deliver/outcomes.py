@@ -8,6 +8,7 @@ import time
 from collections import defaultdict
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from agents.deliver.items import Item, lifecycle, ordered
@@ -71,6 +72,104 @@ def follow_ups_of(call: Call, states: dict[bytes, dict[str, ordering.KeyState]])
     return records
 
 
+class Fate(StrEnum):
+    """What becomes of one write at one target: the one vocabulary of deliver's decisions,
+    of its status notes (``GET /wal/messages/{id}``) and of its counts (``wal-stats``,
+    ``wal_messages_total``)."""
+
+    DELIVERED = "delivered"
+    RETRIED = "retried"  #: again later, from a delay tier (its status: retrying)
+    PARKED = "parked"  #: waits in the shortest tier behind its key or a slow target
+    DEAD_LETTERED = "dead_lettered"
+    DROPPED = "dropped"  #: would be dead-lettered, but its DLQ is disabled
+    FAILED = "failed"  #: a transaction's mutation: its transaction decides what follows
+
+    @property
+    def final(self) -> bool:
+        return self not in (Fate.RETRIED, Fate.PARKED)
+
+
+#: The status step a fate notes (parking notes nothing: the write is still pending).
+_STEPS = {Fate.RETRIED: "retrying", Fate.PARKED: None}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A fate, and why (``code``, ``message``) or when again (``wait_ms``)."""
+
+    fate: Fate
+    code: str | None = None
+    message: str = ""
+    wait_ms: int = 0
+
+
+def decide(item: Item, outcome: Outcome, now_ms: int) -> Decision:
+    """The fate of a write after its target's answer: the namespace's and the request's
+    retry policy, its time to live, and whether a transaction owns it."""
+    if outcome.ok:
+        return Decision(Fate.DELIVERED)
+    assert item.namespace is not None
+    asked = lifecycle(item)
+    policy = backoff.effective(item.namespace.retry_policy, asked.retry_policy)
+    received = int(item.headers.get(names.RECEIVED_AT) or now_ms)
+    expires = received + 1000 * (asked.ttl or item.namespace.message_ttl_seconds)
+    failure = f"{outcome.code}: {outcome.message}"
+    if outcome.status == "retryable" and backoff.should_retry(policy, item.attempt, outcome.code):
+        wait = backoff.delay_ms(policy, item.attempt, retry_after_s=outcome.retry_after)
+        if now_ms + wait < expires:
+            return Decision(Fate.RETRIED, outcome.code, outcome.message, wait)
+        code, message = "MESSAGE_EXPIRED", f"ttl passed before a retry; last {failure}"
+    elif outcome.status == "retryable" and item.attempt >= policy.max_attempts:
+        code, message = "RETRIES_EXHAUSTED", f"{item.attempt} attempts failed; last {failure}"
+    else:
+        code, message = outcome.code or "TARGET_REJECTED", outcome.message
+    if item.headers.get(names.TRANSACTION_ID):
+        return Decision(Fate.FAILED, code, message)
+    return Decision(Fate.DEAD_LETTERED, code, message)
+
+
+def finish(
+    item: Item, target: str | None, decision: Decision, seq: int | None = None
+) -> Record | None:
+    """Carry out a decision: note it, count it, and return the record it sends (a retry,
+    a park, a dead letter, a transaction's outcome) or None. A delivered write is counted
+    with its call (:func:`count_delivered`), with its latency."""
+    fate, now = decision.fate, int(time.time() * 1000)
+    if fate is Fate.DEAD_LETTERED and _dlq_disabled(item):
+        fate = Fate.DROPPED
+    if fate in (Fate.DEAD_LETTERED, Fate.DROPPED):
+        metrics.DEAD_LETTERS.labels(_name(item), decision.code or "TARGET_REJECTED").inc()
+    step = _STEPS.get(fate, fate.value)
+    if step is not None:
+        fields: dict[str, Any] = {}
+        if decision.code:
+            fields.update(code=decision.code, message=decision.message[:300])
+        if fate is Fate.RETRIED:
+            fields["next"] = now + decision.wait_ms
+        _note(item, step, target, **fields)
+    if fate not in (Fate.DELIVERED, Fate.FAILED):
+        count(item, target, fate.value)
+    if fate is Fate.DELIVERED:
+        return _mutation_outcome(item, None) if item.headers.get(names.TRANSACTION_ID) else None
+    if fate is Fate.FAILED:
+        return _mutation_outcome(item, f"{decision.code}: {decision.message}")
+    if fate is Fate.RETRIED:
+        return _retry(item, target or "", decision, now)
+    if fate is Fate.PARKED:
+        return _park(item, target or "", seq, now)
+    if fate is Fate.DROPPED:
+        message_id = item.headers.get(names.MESSAGE_ID)
+        log.warning(
+            "dropped %s (DLQ disabled): %s: %s",
+            message_id or item.source,
+            decision.code,
+            decision.message,
+            extra={"message_id": message_id, "namespace": _name(item)},
+        )
+        return None
+    return _dead_letter(item, target, decision)
+
+
 def _next_step(
     item: Item,
     identifier: str,
@@ -78,17 +177,14 @@ def _next_step(
     states: dict[bytes, dict[str, ordering.KeyState]],
 ) -> Record | None:
     """After a write's outcome: its follow-up record, and its key's sequencing."""
-    record, final = (None, True) if outcome.ok else _after_failure(item, identifier, outcome)
-    if outcome.ok:
-        _note(item, "delivered", identifier)
-    if outcome.ok and item.headers.get(names.TRANSACTION_ID):
-        record = _mutation_outcome(item, None)  # the transaction decides what follows
+    decision = decide(item, outcome, int(time.time() * 1000))
+    record = finish(item, identifier, decision)
     if not ordered(item):
         return record
     per_target = states.setdefault(item.key or b"", ordering.load(item.key or b""))
     message_id = item.writes[identifier].id
     seq = item.seqs.get(identifier)
-    if not final:  # going round again: the key waits behind it
+    if not decision.fate.final:  # going round again: the key waits behind it
         assert record is not None
         per_target[identifier], seq = ordering.block(per_target.get(identifier), message_id, seq)
         return replace(record, headers={**record.headers, names.ORDER_SEQ: str(seq)})
@@ -114,69 +210,40 @@ def _mutation_outcome(item: Item, error: str | None) -> Record:
 def park(item: Item, identifier: str, seq: int | None) -> Record:
     """Send a write round the shortest delay tier until its key (or its slow target) lets
     it through; its attempt count is unchanged."""
-    due = int(time.time() * 1000) + PARK_MS
+    record = finish(item, identifier, Decision(Fate.PARKED), seq)
+    assert record is not None
+    return record
+
+
+def _park(item: Item, identifier: str, seq: int | None, now: int) -> Record:
     headers: dict[str, str | None] = dict(item.headers)
-    headers.update({names.TARGET: identifier, names.DUE_AT: str(due)})
+    headers.update({names.TARGET: identifier, names.DUE_AT: str(now + PARK_MS)})
     if seq is not None:
         headers[names.ORDER_SEQ] = str(seq)
-    count(item, identifier, "parked")
     return Record(topics.delay_topic_for(PARK_MS), item.key, item.raw, headers)
 
 
-def _after_failure(item: Item, identifier: str, outcome: Outcome) -> tuple[Record | None, bool]:
-    """A failed write's next step: a retry in a delay tier (not final), or a dead letter."""
-    assert item.namespace is not None
-    asked = lifecycle(item)
-    policy = backoff.effective(item.namespace.retry_policy, asked.retry_policy)
-    now = int(time.time() * 1000)
-    received = int(item.headers.get(names.RECEIVED_AT) or now)
-    expires = received + 1000 * (asked.ttl or item.namespace.message_ttl_seconds)
-    failure = f"{outcome.code}: {outcome.message}"
-    if outcome.status == "retryable" and backoff.should_retry(policy, item.attempt, outcome.code):
-        wait = backoff.delay_ms(policy, item.attempt, retry_after_s=outcome.retry_after)
-        if now + wait < expires:
-            count(item, identifier, "retried")
-            return _retry(item, identifier, outcome, now, wait), False
-        code, message = "MESSAGE_EXPIRED", f"ttl passed before a retry; last {failure}"
-    elif outcome.status == "retryable" and item.attempt >= policy.max_attempts:
-        code, message = "RETRIES_EXHAUSTED", f"{item.attempt} attempts failed; last {failure}"
-    else:
-        code, message = outcome.code or "TARGET_REJECTED", outcome.message
-    if item.headers.get(names.TRANSACTION_ID):  # its transaction decides, not the DLQ
-        _note(item, "failed", identifier, code=code, message=message[:300])
-        return _mutation_outcome(item, f"{code}: {message}"), True
-    return dead_letter_of(item, code, message, identifier), True
-
-
-def _retry(item: Item, identifier: str, outcome: Outcome, now: int, wait: int) -> Record:
-    _note(
-        item,
-        "retrying",
-        identifier,
-        code=outcome.code,
-        message=outcome.message[:300],
-        next=now + wait,
-    )
+def _retry(item: Item, identifier: str, decision: Decision, now: int) -> Record:
     headers: dict[str, str | None] = dict(item.headers)
     headers.update(
         {
             names.ATTEMPT: str(item.attempt + 1),
             names.TARGET: identifier,
-            names.DUE_AT: str(now + wait),
-            names.ERROR_CODE: outcome.code,
-            names.ERROR_MESSAGE: outcome.message[:1000],
+            names.DUE_AT: str(now + decision.wait_ms),
+            names.ERROR_CODE: decision.code,
+            names.ERROR_MESSAGE: decision.message[:1000],
             names.FIRST_FAILED_AT: item.headers.get(names.FIRST_FAILED_AT) or str(now),
             names.LAST_FAILED_AT: str(now),
         }
     )
-    return Record(topics.delay_topic_for(wait), item.key, item.raw, headers)
+    return Record(topics.delay_topic_for(decision.wait_ms), item.key, item.raw, headers)
 
 
 def _note(item: Item, step: str, target: str | None, **fields: Any) -> None:
     """Note a write's step for ``GET /wal/messages/{id}`` (emitted with the batch)."""
     current().status.note(
         item.headers.get(names.MESSAGE_ID),
-        item.namespace.name if item.namespace else metrics.UNKNOWN,
+        _name(item),
         step,
         target=target,
         attempt=item.attempt,
@@ -187,7 +254,7 @@ def _note(item: Item, step: str, target: str | None, **fields: Any) -> None:
 
 def count(item: Item, target: str | None, outcome: str) -> None:
     """Count an outcome in Prometheus and in the next stats delta, naming its record."""
-    namespace = item.namespace.name if item.namespace else metrics.UNKNOWN
+    namespace = _name(item)
     metrics.MESSAGES.labels(namespace, "deliver", outcome).inc()
     counted = item.source if outcome in ("retried", "parked") else origin(item)
     current().sources[(namespace, target or "", outcome)].append(counted)
@@ -258,28 +325,17 @@ def stats_deltas() -> list[Record]:
 
 def dead_letter_of(item: Item, code: str, message: str, target: str | None = None) -> Record | None:
     """The dead letter for an item, or None when its DLQ is disabled (then logged, dropped)."""
-    name = item.namespace.name if item.namespace else metrics.UNKNOWN
-    metrics.DEAD_LETTERS.labels(name, code).inc()
-    step = "dropped" if _dlq_disabled(item) else "dead_lettered"
-    _note(item, step, target, code=code, message=message[:300])
-    if _dlq_disabled(item):
-        count(item, target, "dropped")
-        message_id = item.headers.get(names.MESSAGE_ID)
-        log.warning(
-            "dropped %s (DLQ disabled): %s: %s",
-            message_id or item.source,
-            code,
-            message,
-            extra={"message_id": message_id, "namespace": name},
-        )
-        return None
-    count(item, target, "dead_lettered")
+    return finish(item, target, Decision(Fate.DEAD_LETTERED, code, message))
+
+
+def _dead_letter(item: Item, target: str | None, decision: Decision) -> Record:
     headers: dict[str, str | None] = dict(item.headers)
     headers.update(
         {names.TARGET: target, names.SOURCE: item.headers.get(names.SOURCE) or item.source}
     )
     key = item.headers.get(names.ORIGINAL_KEY)
     original = key.encode() if key else None
+    code, message = decision.code or "TARGET_REJECTED", decision.message
     return names.dead_letter(
         _dlq_topic(item), original, item.raw, headers, code=code, message=message
     )
@@ -293,3 +349,7 @@ def _dlq_disabled(item: Item) -> bool:
     namespace_off = item.namespace is not None and not item.namespace.dlq_config.enabled
     request_off = item.raw is not None and not lifecycle(item).enable_dlq
     return namespace_off or request_off
+
+
+def _name(item: Item) -> str:
+    return item.namespace.name if item.namespace else metrics.UNKNOWN
