@@ -38,9 +38,6 @@ from tables.namespaces import lookup
 from tables.status import Collector
 
 log = logging.getLogger("wal.ingest")
-STATUS = Collector()
-#: This batch's accepted requests per namespace, for ``wal_messages_total`` (once a batch).
-_accepted: Counter[str] = Counter()
 
 #: Nothing larger is even parsed: the largest maxMessageSize a namespace may set.
 HARD_SIZE_LIMIT = MAX_REQUEST_BYTES
@@ -297,18 +294,18 @@ async def ingest(stream: Any) -> None:
 
 async def _ingest_batch(batch: Batch) -> None:
     metrics.BATCH_SIZE.labels("ingest").observe(len(batch))
-    records = [_route(message) for message in batch.records]
-    for name, n in _accepted.items():
+    notes, accepted = Collector(), Counter[str]()  # this batch's, apart from any other's
+    records = [_route(message, notes, accepted) for message in batch.records]
+    for name, n in accepted.items():  # once a batch, not once a record
         metrics.MESSAGES.labels(name, "ingest", "accepted").inc(n)
-    _accepted.clear()
     records += _stats_deltas(batch.records, records)
-    records += STATUS.drain(topics.NAMES["status"], settings.partitions)
+    records += notes.drain(topics.NAMES["status"], settings.partitions)
     await producing.emit_until_durable(records, what=f"{len(records)} ingest records")
     batch.ack()
     log.info("ingested a batch of %d", len(batch), extra={"agent": "ingest", "count": len(batch)})
 
 
-def _route(message: Any) -> Record:
+def _route(message: Any, notes: Collector, accepted: Counter[str]) -> Record:
     """One ingest record (aiokafka's ``ConsumerRecord``) → its next record."""
     headers = names.decode_headers(message.headers)
     source = f"{message.topic}/{message.partition}/{message.offset}"
@@ -325,7 +322,7 @@ def _route(message: Any) -> Record:
     except Rejected as rejected:
         namespace = _namespace_of(message.value)
         _count_rejected(namespace, rejected.code)
-        STATUS.note(
+        notes.note(
             headers.get(names.MESSAGE_ID) or _id_of(message.value),
             namespace.name if namespace else metrics.UNKNOWN,
             "rejected",
@@ -342,10 +339,10 @@ def _route(message: Any) -> Record:
         internal = Rejected(f"internal error: {type(exc).__name__}", code="INTERNAL_ERROR")
         _count_rejected(None, internal.code)
         return dead_letter(internal, message.value, headers, source, message.key)
-    _accepted[admitted.namespace.name] += 1
+    accepted[admitted.namespace.name] += 1
     record = deliver_record(admitted, message.value, headers, source, message.key)
     due = record.headers.get(names.DUE_AT)
-    STATUS.note(
+    notes.note(
         admitted.message_id,
         admitted.namespace.name,
         "delayed" if due and record.topic != topics.NAMES["deliver"] else "accepted",
