@@ -40,6 +40,13 @@ One target does not hold up the others (a hung webhook, a locked table):
 
 Calls of ``ordering: key`` namespaces are always waited for: their key states
 must be saved before the next batch decides anything about the same keys.
+
+Here: the agent, a batch's plan (each record's writes, one per target) and its
+flow. Each target's share of a wave runs in :mod:`agents.deliver.calls`; what becomes
+of each write is decided, noted and counted in :mod:`agents.deliver.outcomes`;
+``ordering: key`` waves are :mod:`agents.deliver.waves`; the record being worked on is
+:class:`agents.deliver.items.Item`. The targets themselves, each behind its circuit
+breaker, come from :class:`targets.pool.TargetPool`.
 """
 
 from __future__ import annotations
