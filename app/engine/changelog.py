@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.engine.partitioner import partition_of
 from app.names import Record
 from tables import compact
 
@@ -18,8 +19,18 @@ def changelog_record(table: Any, key: bytes, value: bytes | None) -> Record:
     effects went out. So state is written to the store directly and its changelog
     record is emitted, and awaited, together with the effects.
     """
+    store = table.data
     if value is None:
-        table.data.pop(key, None)
+        store.pop(key, None)
     else:
-        table.data[key] = compact(value)
+        store[key] = compact(value)
+    # Faust's memory store drops, after a rebalance, the keys of partitions this worker
+    # no longer holds - those whose partition it learnt from a changelog record it read.
+    # Tell it the partition of a key written here, or it would keep the key, stale.
+    partitions = getattr(store, "_key_partition", None)
+    if partitions is not None:
+        if value is None:
+            partitions.pop(key, None)
+        else:
+            partitions[key] = partition_of(key, table.partitions or table.app.conf.topic_partitions)
     return Record(table.changelog_topic.get_topic_name(), key, value, {})

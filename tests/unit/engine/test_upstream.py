@@ -596,15 +596,24 @@ PINS: tuple[Pin, ...] = (
         ),
     ),
     Pin(
+        "faust.stores.memory.Store.__post_init__",
+        "e59c82f3785458b2c6bb8179a01b57270be3edf167615a3f6508f102b173baa2",
+        RELIES,
+        ("app.engine.changelog:changelog_record",),
+        "creates the private _key_partition map (key -> partition) that changelog_record "
+        "fills for a direct write",
+        ("test_a_key_written_with_the_batch_is_dropped_when_its_partition_leaves",),
+    ),
+    Pin(
         "faust.stores.memory.Store.on_recovery_completed",
         "a00bef343e139602606996e88809e62731a9113691ae678095266a52e0e0b013",
         RELIES,
         ("app.engine.changelog:changelog_record",),
-        "with memory:// (the default) a direct write lands in its plain dict with no entry "
-        "in _key_partition (as Faust's own writes do), so this never drops it when its "
-        "partition goes to another worker: it stays, stale, unless a recovery of that "
-        "partition replays its key",
+        "with memory:// (the default) this drops the keys of partitions no longer held, "
+        "by the partition recorded in _key_partition; changelog_record records it for a "
+        "direct write (Faust's own writes leave it unset), so such a key is not kept, stale",
         (
+            "test_a_key_written_with_the_batch_is_dropped_when_its_partition_leaves",
             "test_scaling_one_three_one_under_load_delivers_each_message_once",
             "test_transfers_complete_or_compensate_through_a_sigkill",
         ),
