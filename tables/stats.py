@@ -52,13 +52,15 @@ REPLAYED = "replayed"
 MINUTES = 60
 MAX_TARGETS = 64
 #: Counted offsets per (target, source partition) are kept as at most this many ranges;
-#: past it the lowest two merge. The offsets between them are other namespaces' (or
+#: past it the lowest ones merge. The offsets between them are other namespaces' (or
 #: other deliver partitions'), never to be counted here: each source partition's
 #: records reach a target in order, so only a delta more than this many runs late
-#: would find its offsets taken as counted.
-MAX_RANGES = 32
-#: At most this many (target, source partition) pairs are remembered per namespace.
-MAX_SEEN = 4096
+#: would find its offsets taken as counted. Small, because the value is rewritten with
+#: every batch of deltas: a namespace's is ~80 KB at most (MAX_SEEN keys).
+MAX_RANGES = 4
+#: At most this many (target, source partition) pairs are remembered per namespace; past
+#: it a new pair's records are counted without being remembered.
+MAX_SEEN = 1024
 #: A delta stamped further than this ahead of the folding worker's clock (or older than
 #: the hour) counts in the totals only: a wrong clock must not push real minutes out.
 _CLOCK_SKEW_MS = 5 * 60_000

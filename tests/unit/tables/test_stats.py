@@ -241,3 +241,18 @@ def test_buckets_are_log_spaced() -> None:
     assert bucket_of(1) == 1
     assert bucket_of(2) == 5  # four buckets per doubling
     assert bucket_of(1000) < bucket_of(1200) < bucket_of(2000)
+
+
+def test_a_namespace_value_stays_small_however_many_partitions_and_targets() -> None:
+    """Every target and source partition remembered, each with its ranges full: the value
+    is rewritten with every batch of deltas, so it must stay far below a record's limit."""
+    value = NamespaceStats()
+    for t in range(MAX_TARGETS):
+        for p in range(64):
+            offsets = range(0, 4 * MAX_RANGES * 3, 3)  # never adjacent: a range each
+            listed = sources(f"wal-ingest/{p}:{p % 8}", list(offsets))
+            d = delta("orders", target=f"t{t}", sources={"delivered": listed})
+            fold(value, parse(d.value), partition=0, offset=t * 64 + p, now_ms=T0)
+    assert len(value.seen) <= 1024
+    assert all(len(r) <= MAX_RANGES for r in value.seen.values())
+    assert len(value.dumps()) < 128 * 1024
