@@ -86,8 +86,9 @@ async def test_a_broker_killed_and_restarted_mid_stream_loses_and_doubles_nothin
     count, distinct = pg_query(f'SELECT count(*), count(DISTINCT seq) FROM "{table}"')[0]
     assert (count, distinct) == (total, total)
     worker.assert_alive()  # it recovered by itself
+    # Whether anything is read again depends on where the outage caught each batch (in
+    # runs: 0 to 4 738 records): reported, not required. The test below makes it certain.
     counted = await totals(worker, "orders", accepted=total, delivered=total)
-    assert counted["replayed"] > 0, "nothing was read again: the kill proved nothing"
     print(
         f"broker SIGKILLed at {at_kill} of {total} rows, back 12 s later; rows again "
         f"{resumed:.1f} s after it was up; {count} rows, {distinct} distinct; "
