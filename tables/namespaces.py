@@ -9,30 +9,17 @@ Keys and values are raw bytes, so any Kafka client can write the topic.
 
 from __future__ import annotations
 
-import faust
 import orjson
 from pydantic import ValidationError
 
+from app.engine.tables import TopicGlobalTable
 from app.fleet import fleet
 from app.models import Namespace
 from app.topics import NAMES
 
-
-class NamespaceTable(faust.GlobalTable):
-    """A GlobalTable whose changelog is the public ``<prefix>-namespaces`` topic.
-
-    Faust names a changelog ``<app id>-<table>-changelog`` and its partition
-    assignor asks for that name even when a custom ``changelog_topic`` is given
-    (it then fails with a KeyError and the group never finishes joining). So
-    the name is overridden here instead, where both agree.
-    """
-
-    def _changelog_topic_name(self) -> str:
-        return NAMES["namespaces"]
-
-
-namespaces = NamespaceTable(
+namespaces = TopicGlobalTable(
     fleet,
+    changelog_name=NAMES["namespaces"],
     name="namespaces",
     key_type=bytes,
     value_type=bytes,

@@ -34,6 +34,10 @@ Around it:
 * :mod:`app.engine.offsets` - a read-only view of consumer state: assignment,
   committed and acked offsets, held partitions, lag (readiness, lag metrics, views).
 * :mod:`app.engine.store` - the ``rocksdb://`` table store, corrected.
+* :mod:`app.engine.tables` - a GlobalTable over a topic of the fleet's choosing (the
+  namespaces).
+* :mod:`app.engine.worker` - the ``wal worker`` process: Faust's worker, with signal
+  handling that stops within a deadline.
 * :mod:`app.engine.sensors` - Faust's monitor, lean; :mod:`app.engine.partitioner` -
   the producer's partitioner, for keys computed outside a producer.
 """

@@ -32,9 +32,9 @@ def main() -> None:
 def worker(loglevel: str | None) -> None:
     """Run a worker of the fleet (a Faust worker) in the foreground."""
     from app.engine.admin import ensure_topics
+    from app.engine.worker import FleetWorker
     from app.fleet import discover, fleet, settings
     from app.logs import logging_config
-    from app.worker import FleetWorker
 
     level = loglevel or settings.log_level
     config = logging_config(settings.log_format, level)
