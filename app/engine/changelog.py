@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 from app.engine.partitioner import partition_of
@@ -27,8 +28,8 @@ def changelog_record(table: Any, key: bytes, value: bytes | None) -> Record:
     # Faust's memory store drops, after a rebalance, the keys of partitions this worker
     # no longer holds - those whose partition it learnt from a changelog record it read.
     # Tell it the partition of a key written here, or it would keep the key, stale.
-    partitions = getattr(store, "_key_partition", None)
-    if partitions is not None:
+    partitions = getattr(store, "_key_partition", None)  # rocksdb's is a method: not it
+    if isinstance(partitions, MutableMapping):
         if value is None:
             partitions.pop(key, None)
         else:

@@ -33,3 +33,26 @@ async def test_a_key_written_with_the_batch_is_dropped_when_its_partition_leaves
     finally:
         store.data.pop(key, None)
         store.data.pop(other, None)
+
+
+def test_a_store_without_that_map_is_written_as_before() -> None:
+    """The rocksdb store knows a key's partition by a method of the same name: writing
+    through it must not treat that method as the memory store's map."""
+
+    class RocksLike(dict[bytes, bytes]):
+        def _key_partition(self, key: bytes) -> int:
+            return 0
+
+    class Table:
+        data = RocksLike()
+        partitions = settings.partitions
+
+        class changelog_topic:
+            @staticmethod
+            def get_topic_name() -> str:
+                return "t-changelog"
+
+    record = changelog_record(Table, b"k", b"v")
+    assert Table.data == {b"k": b"v"} and record.topic == "t-changelog"
+    changelog_record(Table, b"k", None)
+    assert Table.data == {}
