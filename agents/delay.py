@@ -43,7 +43,8 @@ from app.fleet import fleet, settings
 from app.names import Record, tier_name
 from app.topics import DELAY_TIERS, delay_topics
 
-#: A record this close to its due time goes to delivery rather than another hop.
+#: A tier wake-up this close before the due time waits for the due time instead,
+#: so the record goes straight to delivery rather than hopping once more.
 DUE_SLACK_MS = 20
 #: Records waking within this long are held in memory; parked partitions are
 #: rewound this long before their head wakes.
@@ -53,18 +54,21 @@ HOLD_MAX = 10_000
 
 
 def wake_at_ms(produced_ms: int, due_ms: int, tier_seconds: int) -> int:
-    """When a record produced into a tier needs looking at again."""
-    return min(due_ms, produced_ms + tier_seconds * 1000)
+    """When a record produced into a tier needs looking at again: at its due time, or
+    when the tier's time is up if that is more than ``DUE_SLACK_MS`` before it."""
+    tier_up = produced_ms + tier_seconds * 1000
+    return tier_up if due_ms - tier_up > DUE_SLACK_MS else due_ms
 
 
 def forward(message: Any, now_ms: int) -> Record:
-    """Where a record goes when it wakes: delivery if due, else the tier that fits."""
+    """Where a record goes when it wakes: delivery if due, else the tier that fits.
+
+    Never delivery before the due time: a record woken a little early by its tier
+    takes one more (short) hop rather than arriving early."""
     headers = names.decode_headers(message.headers)
     due_ms = int(headers.get(names.DUE_AT) or 0)
     remaining = due_ms - now_ms
-    topic = (
-        topics.NAMES["deliver"] if remaining <= DUE_SLACK_MS else topics.delay_topic_for(remaining)
-    )
+    topic = topics.NAMES["deliver"] if remaining <= 0 else topics.delay_topic_for(remaining)
     return Record(topic, message.key, message.value, dict(headers))
 
 

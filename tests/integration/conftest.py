@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import shutil
 import signal
 import socket
 from collections.abc import Iterator
@@ -12,10 +14,28 @@ from pathlib import Path
 import pytest
 
 from app.ops import stack
+from app.ops.services import StackError
 from app.settings import Settings
-from tests.integration.harness import Fleet, delete_topics, free_port
+from tests.integration.harness import Fleet, delete_topics
 
 SERVICES = {"kafka": 9092, "postgres": 5432, "redis": 6379}
+#: Private brokers listen below Linux's ephemeral range (32768-60999), where no
+#: outgoing connection is given a local port between our check and Kafka's bind.
+PRIVATE_PORTS = range(20_000, 32_000, 2)
+PRIVATE_TRIES = 3
+
+
+def free_pair() -> int:
+    """A port that is free, with the next one (Kafka's controller listener) free too."""
+    for port in random.sample(PRIVATE_PORTS, 50):
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+                return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no two free ports next to each other in {PRIVATE_PORTS}")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -53,9 +73,16 @@ def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
 @pytest.fixture
 def private_broker(tmp_path: Path) -> Iterator[Settings]:
     """A Kafka broker of this test's own, which it may freeze without harming the others."""
-    port = free_port()
-    settings = Settings(stack_dir=tmp_path / "stack", broker=f"kafka://127.0.0.1:{port}")
-    stack.up(settings)
+    for attempt in range(1, PRIVATE_TRIES + 1):
+        settings = Settings(stack_dir=tmp_path / "stack", broker=f"kafka://127.0.0.1:{free_pair()}")
+        try:
+            stack.up(settings)
+            break
+        except StackError:  # a port taken between the check and the bind: fresh ports
+            stack.down(settings)
+            shutil.rmtree(tmp_path / "stack", ignore_errors=True)
+            if attempt == PRIVATE_TRIES:
+                raise
     try:
         yield settings
     finally:

@@ -9,7 +9,8 @@ from typing import Any
 
 from faust.types import TP
 
-from agents.delay import Holding, wake_at_ms
+from agents.delay import DUE_SLACK_MS, Holding, forward, wake_at_ms
+from app import names, topics
 from app.engine.parking import Parking
 
 
@@ -46,6 +47,28 @@ class RecordingConsumer:
 def test_a_record_wakes_at_the_earlier_of_its_tier_and_its_due_time() -> None:
     assert wake_at_ms(1_000, 100_000, 60) == 61_000
     assert wake_at_ms(1_000, 30_000, 60) == 30_000
+
+
+def test_a_tier_ending_within_the_slack_before_due_waits_for_the_due_time() -> None:
+    tier_up = 1_000 + 60_000
+    assert wake_at_ms(1_000, tier_up + DUE_SLACK_MS, 60) == tier_up + DUE_SLACK_MS
+    assert wake_at_ms(1_000, tier_up + DUE_SLACK_MS + 1, 60) == tier_up
+
+
+@dataclass(frozen=True)
+class Held:
+    headers: list[tuple[str, bytes]]
+    key: bytes = b"k"
+    value: bytes = b"{}"
+
+
+def test_nothing_is_forwarded_to_delivery_before_its_due_time() -> None:
+    due = 50_000
+    message = Held([(names.DUE_AT, str(due).encode())])
+    assert forward(message, due).topic == topics.NAMES["deliver"]
+    assert forward(message, due + 5).topic == topics.NAMES["deliver"]
+    for early in (1, DUE_SLACK_MS, 2_000):  # woken early: one more hop, not delivery
+        assert forward(message, due - early).topic != topics.NAMES["deliver"]
 
 
 async def test_a_parked_partition_holds_what_follows_its_head_and_rereads_from_it() -> None:
