@@ -35,7 +35,7 @@ from app.names import Record
 from app.topics import ingest_topic
 from tables import stats
 from tables.namespaces import lookup
-from tables.status import Collector
+from tables.status import Collector, tracked
 
 log = logging.getLogger("wal.ingest")
 
@@ -322,13 +322,14 @@ def _route(message: Any, notes: Collector, accepted: Counter[str]) -> Record:
     except Rejected as rejected:
         namespace = _namespace_of(message.value)
         _count_rejected(namespace, rejected.code)
-        notes.note(
-            headers.get(names.MESSAGE_ID) or _id_of(message.value),
-            namespace.name if namespace else metrics.UNKNOWN,
-            "rejected",
-            code=rejected.code,
-            message=rejected.message[:300],
-        )
+        if tracked(namespace.status_tracking if namespace else "all", "rejected"):
+            notes.note(
+                headers.get(names.MESSAGE_ID) or _id_of(message.value),
+                namespace.name if namespace else metrics.UNKNOWN,
+                "rejected",
+                code=rejected.code,
+                message=rejected.message[:300],
+            )
         return dead_letter(rejected, message.value, headers, source, message.key, namespace)
     except Exception as exc:  # a bug of ours must not stop the stream: dead-letter, loudly
         log.exception(
@@ -342,13 +343,15 @@ def _route(message: Any, notes: Collector, accepted: Counter[str]) -> Record:
     accepted[admitted.namespace.name] += 1
     record = deliver_record(admitted, message.value, headers, source, message.key)
     due = record.headers.get(names.DUE_AT)
-    notes.note(
-        admitted.message_id,
-        admitted.namespace.name,
-        "delayed" if due and record.topic != topics.NAMES["deliver"] else "accepted",
-        dueAt=int(due) if due else None,
-        transactionId=admitted.transaction_id,
-    )
+    step = "delayed" if due and record.topic != topics.NAMES["deliver"] else "accepted"
+    if tracked(admitted.namespace.status_tracking, step):
+        notes.note(
+            admitted.message_id,
+            admitted.namespace.name,
+            step,
+            dueAt=int(due) if due else None,
+            transactionId=admitted.transaction_id,
+        )
     return record
 
 

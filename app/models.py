@@ -360,6 +360,10 @@ class Namespace(Wire):
     message_ttl_seconds: int = Field(default=DEFAULT_TTL_SECONDS, ge=60, le=604_800)
     ordering: Literal["none", "key"] = "none"
     transaction_timeout_seconds: int = Field(default=300, ge=1, le=86_400)
+    #: What ``GET /wal/messages/{id}`` can tell about this namespace's messages:
+    #: every step (``all``), only messages that met a failure, from it on
+    #: (``failures``), or nothing (``none``). Less tracking, less work a message.
+    status_tracking: Literal["all", "failures", "none"] = "all"
 
     @field_validator("targets")
     @classmethod

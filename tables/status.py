@@ -42,6 +42,18 @@ from tables import compact
 TARGET_STEPS = ("dead_lettered", "dropped", "failed", "retrying", "delivered")
 MESSAGE_STEPS = ("accepted", "delayed", "rejected")
 
+#: The steps of a message that met a failure: all that ``statusTracking: failures`` notes
+#: (with every later step of a write past its first attempt).
+FAILURE_STEPS = frozenset({"rejected", "retrying", "failed", "dead_lettered", "dropped"})
+
+
+def tracked(level: str, step: str, attempt: int = 1) -> bool:
+    """Whether a namespace whose ``statusTracking`` is ``level`` notes ``step``."""
+    if level == "all":
+        return True
+    return level == "failures" and (step in FAILURE_STEPS or attempt > 1)
+
+
 #: A status entry's fields beyond id, namespace, step and time: (name, value) pairs.
 Fields = tuple[tuple[str, Any], ...]
 

@@ -18,9 +18,11 @@ Two modes (``config.mode``):
     (``config.ledgerTable``, default ``wal_ledger``, keyed by namespace, target
     and id) in the same transaction, so a replay changes nothing.
 
-A batch is one transaction and as few round trips as the database allows
-(multi-row statements). Items that can never apply (unknown column, missing
-key, unknown operation) are refused before the database sees them. When the
+A batch is one transaction and as few round trips as the database allows: on
+PostgreSQL, COPY into a staging table and one set-based statement per run
+(:mod:`targets.sql_copy`); elsewhere, multi-row statements. Items that can never
+apply (unknown column, missing key, unknown operation, an object for a text
+column) are refused before the database sees them. When the
 database refuses the batch for its data, each item is tried in a transaction
 of its own, so a poison row fails alone.
 """
@@ -29,19 +31,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
 import psycopg
 import sqlalchemy as sa
-from psycopg import sql as pgsql
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.errors import ConfigError
 from targets.base import (
@@ -52,62 +51,13 @@ from targets.base import (
     permanent,
     retryable,
 )
+from targets.sql_copy import Staging, copy_rows, copy_text, insert_new, rows_statement
+from targets.sql_engines import ENGINES
 from targets.sql_errors import classify
-from targets.sql_rows import Invalid, Plan, RowsSpec, dialect_insert, runs
+from targets.sql_rows import Invalid, Plan, RowsSpec, by_columns, dialect_insert, runs
 
 #: The most a :meth:`SqlTarget.probe` waits (for a pooled connection, connecting, the answer).
 PROBE_TIMEOUT_S = 2.0
-
-
-class _Engines:
-    """One engine (connection pool) per database URL, shared by every SQL target on it.
-
-    A pool per namespace opened 14 connections for ~20 namespaces on one database
-    (issue 16); now a worker holds at most ``WAL_SQL_POOL_SIZE`` per database, and a
-    batch that finds them all busy waits for one. The last target to close disposes it.
-    """
-
-    def __init__(self) -> None:
-        self._open: dict[str, tuple[AsyncEngine, int]] = {}
-
-    def acquire(self, url: str, pool_size: int, application_name: str) -> AsyncEngine:
-        engine, users = self._open.get(url, (None, 0))
-        if engine is None:
-            engine = _engine(url, pool_size, application_name)
-        self._open[url] = (engine, users + 1)
-        return engine
-
-    async def release(self, url: str) -> None:
-        engine, users = self._open.get(url, (None, 0))
-        if engine is None:
-            return
-        if users > 1:
-            self._open[url] = (engine, users - 1)
-            return
-        del self._open[url]
-        with contextlib.suppress(Exception):  # close never raises
-            await engine.dispose()
-
-
-def _engine(url: str, pool_size: int, application_name: str) -> AsyncEngine:
-    parsed = sa.engine.make_url(url)
-    connect_args = (
-        {"application_name": application_name} if parsed.get_backend_name() == "postgresql" else {}
-    )
-    engine = create_async_engine(
-        url,
-        pool_pre_ping=True,
-        pool_size=pool_size,
-        max_overflow=0,
-        json_serializer=_json_text,
-        connect_args=connect_args,
-    )
-    if engine.dialect.name == "sqlite":
-        sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-    return engine
-
-
-ENGINES = _Engines()
 
 
 class SqlTarget(Target):
@@ -139,8 +89,8 @@ class SqlTarget(Target):
         self._url = url
         self._ready = False
         self._ready_lock = asyncio.Lock()
-        #: psycopg connections whose session has the journal's staging table.
-        self._staged: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: PostgreSQL sessions' staging tables (journal, ledger, rows).
+        self._staging = Staging()
 
     async def warm(self) -> None:
         """A pooled connection, and the journal or ledger table in place."""
@@ -262,56 +212,78 @@ class SqlTarget(Target):
         await conn.execute(stmt, rows)
 
     async def _copy_journal(self, conn: AsyncConnection, plans: list[Plan], now_ms: int) -> None:
-        """PostgreSQL: COPY the rows into a session's staging table, then one INSERT … ON
-        CONFLICT DO NOTHING from it. A quarter of the CPU of a multi-row INSERT's
-        parameters (measured: 3.5 against 15 µs a row of 1 KB), in the same transaction."""
-        raw = await conn.get_raw_connection()
-        pg: Any = raw.driver_connection
-        stage = pgsql.Identifier(f"wal_stage_{self._table.name}")
-        table = pgsql.Identifier(self._table.name)
-        columns = pgsql.SQL(_JOURNAL_COLUMNS)
+        """PostgreSQL: the batch by COPY into staging, then one INSERT … ON CONFLICT DO
+        NOTHING from it (:mod:`targets.sql_copy`)."""
         data = b"".join(
             b"%s\t%s\t%s\t%d\t%d\n"
             % (
-                _copy_text(p.write.namespace),
-                _copy_text(p.write.id),
+                copy_text(p.write.namespace),
+                copy_text(p.write.id),
                 orjson.dumps(p.write.payload).replace(b"\\", b"\\\\"),  # JSON has no raw controls
                 p.write.received_at_ms,
                 now_ms,
             )
             for p in plans
         )
-        try:
-            async with pg.cursor() as cur:
-                if pg not in self._staged:
-                    await cur.execute(
-                        pgsql.SQL(
-                            "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS)"
-                            " ON COMMIT DELETE ROWS"
-                        ).format(stage, table)
-                    )
-                    self._staged.add(pg)
-                copy_in = pgsql.SQL("COPY {} ({}) FROM STDIN").format(stage, columns)
-                async with cur.copy(copy_in) as copy:
-                    await copy.write(data)
-                await cur.execute(
-                    pgsql.SQL(
-                        "INSERT INTO {} ({}) SELECT {} FROM {}"
-                        " ON CONFLICT (namespace, message_id) DO NOTHING"
-                    ).format(table, columns, columns, stage)
-                )
-        except psycopg.Error as exc:  # as SQLAlchemy would have raised it, for classify
-            self._staged.discard(pg)  # created in a transaction that is rolled back
-            raise sa_exc.DBAPIError.instance(None, None, exc, psycopg.Error) from exc
-        except BaseException:
-            self._staged.discard(pg)
-            raise
+        name = self._table.name
+        async with self._copying(conn) as cur:
+            await self._staging.load(cur, name, _JOURNAL_COLUMNS, data)
+            await cur.execute(insert_new(name, _JOURNAL_COLUMNS, ("namespace", "message_id")))
 
     async def _apply_rows(self, conn: AsyncConnection, plans: list[Plan]) -> None:
+        if conn.dialect.name == "postgresql":
+            await self._copy_rows(conn, plans)
+            return
         fresh = await self._claim(conn, plans)
         todo = [p for p in plans if (p.write.namespace, p.write.id) in fresh]
         for operation, run in runs(todo):
             await self._rows.execute(conn, operation, [p.row for p in run])
+
+    async def _copy_rows(self, conn: AsyncConnection, plans: list[Plan]) -> None:
+        """PostgreSQL: the ledger claim and every run of one operation by COPY into
+        staging and one set-based statement each (:mod:`targets.sql_copy`)."""
+        spec, ledger = self._rows, self._ledger.name
+        target = copy_text(self.name)
+        claims = b"".join(
+            b"%s\t%s\t%s\n" % (copy_text(p.write.namespace), target, copy_text(p.write.id))
+            for p in plans
+        )
+        async with self._copying(conn) as cur:
+            await self._staging.load(cur, ledger, _LEDGER_COLUMNS, claims)
+            claim = insert_new(ledger, _LEDGER_COLUMNS, _LEDGER_COLUMNS, ("namespace", "id"))
+            await cur.execute(claim)
+            fresh = {(ns, i) for ns, i in await cur.fetchall()}
+            todo = [p for p in plans if (p.write.namespace, p.write.id) in fresh]
+            loaded = False
+            for operation, run in runs(todo):
+                rows = [p.row for p in run]
+                if operation in ("upsert", "update"):
+                    rows = spec.merged(rows)
+                for shape in by_columns(rows):
+                    columns = sorted(shape[0])
+                    data = copy_rows(shape, columns, spec.encoders)
+                    await self._staging.load(
+                        cur, spec.table_name, columns, data, empty_first=loaded
+                    )
+                    loaded = True
+                    statement = rows_statement(operation, spec.table_name, spec.keys, columns)
+                    await cur.execute(statement)
+
+    @contextlib.asynccontextmanager
+    async def _copying(self, conn: AsyncConnection) -> Any:
+        """A psycopg cursor on ``conn``'s connection; its errors as SQLAlchemy raises them
+        (for :func:`classify`), and the session's staging forgotten after any failure."""
+        raw = await conn.get_raw_connection()
+        pg: Any = raw.driver_connection
+        try:
+            async with pg.cursor() as cur:
+                yield cur
+        except psycopg.Error as exc:
+            self._staging.forget(pg)
+            raise sa_exc.DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+        except BaseException:
+            self._staging.forget(pg)
+            raise
 
     async def _claim(self, conn: AsyncConnection, plans: list[Plan]) -> set[tuple[str, str]]:
         """Record the plans' ids in the ledger; return the (namespace, id) not applied before."""
@@ -337,23 +309,8 @@ class SqlTarget(Target):
         return outcome
 
 
-_JOURNAL_COLUMNS = "namespace, message_id, payload, received_at_ms, delivered_at_ms"
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
-
-
-def _copy_text(value: str) -> bytes:
-    """A text value in COPY's text format (backslash, tab, newline and CR escaped)."""
-    if _COPY_SPECIAL.search(value) is None:
-        return value.encode()
-    return value.translate(_COPY_ESCAPES).encode()
-
-
-def _json_text(value: Any) -> str:
-    """JSON columns' serializer: orjson, several times faster than the stdlib's on payloads."""
-    return orjson.dumps(value).decode()
+_JOURNAL_COLUMNS = ("namespace", "message_id", "payload", "received_at_ms", "delivered_at_ms")
+_LEDGER_COLUMNS = ("namespace", "target", "id")
 
 
 def _journal_table(metadata: sa.MetaData, name: str) -> sa.Table:
@@ -378,11 +335,3 @@ def _ledger_table(metadata: sa.MetaData, name: str) -> sa.Table:
         sa.Column("id", sa.String(300), primary_key=True),
         sa.Column("applied_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
     )
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cursor = dbapi_conn.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
-    cursor.close()

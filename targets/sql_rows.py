@@ -17,6 +17,7 @@ from targets.base import (
     Write,
     at_path,
 )
+from targets.sql_copy import Encoder, encoders
 
 OPERATIONS = {"insert", "upsert", "update", "delete"}
 
@@ -50,6 +51,10 @@ class RowsSpec:
         self.columns = columns
         self.default_operation = operation
         self.table: sa.Table | None = None
+        #: Columns that take a JSON object or array: json/jsonb, and (arrays) array columns.
+        self.structured: set[str] = set()
+        #: Each column's value encoding for PostgreSQL's COPY (:mod:`targets.sql_copy`).
+        self.encoders: dict[str, Encoder] = {}
 
     @classmethod
     def from_config(cls, name: str, config: Mapping[str, Any]) -> RowsSpec:
@@ -65,7 +70,10 @@ class RowsSpec:
         return cls(table, keys, dict(config.get("columns") or {}), operation)
 
     def reflect(self, sync_conn: sa.Connection) -> sa.Table:
-        return sa.Table(self.table_name, sa.MetaData(), autoload_with=sync_conn)
+        table = sa.Table(self.table_name, sa.MetaData(), autoload_with=sync_conn)
+        self.structured = {c.name for c in table.columns if isinstance(c.type, sa.JSON | sa.ARRAY)}
+        self.encoders = encoders(table)
+        return table
 
     def plan(self, item: Write) -> tuple[str, dict[str, Any]]:
         """The item's operation and row; :class:`Invalid` if it can never apply."""
@@ -84,6 +92,11 @@ class RowsSpec:
         unknown = sorted(set(row) - set(self.table.c.keys()))
         if unknown:
             raise Invalid(f"table {self.table_name} has no column {', '.join(unknown)}")
+        flat = sorted(
+            c for c, v in row.items() if isinstance(v, dict | list) and c not in self.structured
+        )
+        if flat:
+            raise Invalid(f"column {', '.join(flat)} takes no JSON object or array")
         if op != "insert":
             if not self.keys:
                 raise Invalid(f"'{op}' needs keyColumns")
@@ -107,7 +120,7 @@ class RowsSpec:
             for shape in by_columns(rows):
                 await conn.execute(dialect_insert(conn, table), shape)
         elif operation == "upsert":
-            for shape in by_columns(self._merged(rows)):
+            for shape in by_columns(self.merged(rows)):
                 stmt = dialect_insert(conn, table)
                 updates = {c: stmt.excluded[c] for c in shape[0] if c not in self.keys}
                 stmt = (
@@ -118,7 +131,7 @@ class RowsSpec:
                 await conn.execute(stmt, shape)
         elif operation == "update":
             where = sa.and_(*(table.c[k] == sa.bindparam(f"k_{k}") for k in self.keys))
-            for shape in by_columns(self._merged(rows)):
+            for shape in by_columns(self.merged(rows)):
                 columns = [c for c in shape[0] if c not in self.keys]
                 values: dict[str, Any] = {c: sa.bindparam(f"v_{c}") for c in columns}
                 params = [
@@ -131,7 +144,7 @@ class RowsSpec:
             params = [{f"k_{k}": r[k] for k in self.keys} for r in rows]
             await conn.execute(table.delete().where(where), params)
 
-    def _merged(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def merged(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One row per key, later values over earlier ones: the same effect as applying
         them in order, and what one multi-row statement can do (PostgreSQL refuses to
         touch a row twice in one ON CONFLICT statement)."""

@@ -15,7 +15,7 @@ from agents.deliver.items import Item, lifecycle, ordered
 from app import backoff, metrics, names, topics
 from app.names import Record
 from tables import ordering, stats, transactions
-from tables.status import Collector
+from tables.status import Collector, tracked
 from targets.base import Outcome
 
 if TYPE_CHECKING:
@@ -240,7 +240,11 @@ def _retry(item: Item, identifier: str, decision: Decision, now: int) -> Record:
 
 
 def _note(item: Item, step: str, target: str | None, **fields: Any) -> None:
-    """Note a write's step for ``GET /wal/messages/{id}`` (emitted with the batch)."""
+    """Note a write's step for ``GET /wal/messages/{id}`` (emitted with the batch), as
+    far as its namespace tracks statuses."""
+    level = item.namespace.status_tracking if item.namespace else "all"
+    if not tracked(level, step, item.attempt):
+        return
     current().status.note(
         item.headers.get(names.MESSAGE_ID),
         _name(item),

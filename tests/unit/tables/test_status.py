@@ -5,7 +5,15 @@ from __future__ import annotations
 import orjson
 from aiokafka.partitioner import DefaultPartitioner
 
-from tables.status import Collector, StatusBook, entries_of, fold, status_partition
+from tables.status import (
+    FAILURE_STEPS,
+    Collector,
+    StatusBook,
+    entries_of,
+    fold,
+    status_partition,
+    tracked,
+)
 
 
 def entry(step: str, at: int, **fields: object) -> dict[str, object]:
@@ -128,3 +136,11 @@ def test_a_grouped_bundle_folds_as_its_entries_do() -> None:
     for message_id in ("m1", "m2"):
         assert by_groups.get(message_id) == by_entries.get(message_id) is not None
     assert (by_groups.get("m1") or {})["transactionId"] == "t1"
+
+
+def test_tracking_levels() -> None:
+    steps = ["accepted", "delayed", "delivered", *sorted(FAILURE_STEPS)]
+    assert all(tracked("all", step) for step in steps)
+    assert not any(tracked("none", step, attempt) for step in steps for attempt in (1, 3))
+    assert [s for s in steps if tracked("failures", s)] == sorted(FAILURE_STEPS)
+    assert tracked("failures", "delivered", attempt=2)  # a write that failed before

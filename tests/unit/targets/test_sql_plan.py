@@ -60,7 +60,7 @@ def test_refused_before_the_database(payload: dict[str, Any], op: str | None, fa
 
 def test_merged_rows_apply_later_values_over_earlier() -> None:
     rows = [{"id": 1, "name": "a", "n": 1}, {"id": 2, "name": "b"}, {"id": 1, "n": 5}]
-    assert spec()._merged(rows) == [{"id": 1, "name": "a", "n": 5}, {"id": 2, "name": "b"}]
+    assert spec().merged(rows) == [{"id": 1, "name": "a", "n": 5}, {"id": 2, "name": "b"}]
 
 
 def wrapped(cls: type[sa_exc.DBAPIError], orig: Exception) -> sa_exc.DBAPIError:
