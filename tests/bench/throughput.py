@@ -10,6 +10,9 @@ b. hand-written - aiokafka consume → orjson parse + check → produce to a sec
    topic (acks=all) → consume it → COPY into a staging table and INSERT … ON
    CONFLICT DO NOTHING into a table keyed by message id, committing offsets
    after each write; one process, one event loop, like one worker;
+b2. hand-written (confluent-kafka) - the same pipeline on confluent-kafka
+   (librdkafka), in tests/bench/hand_confluent.py; the fleet's ratios are taken
+   against the faster of b and b2 (``ratios.hand_written_faster`` says which);
 c. the fleet - ``wal worker`` processes (one, then two) deliver them into a
    ``sql`` journal table; the rate counts from the moment every worker is ready
    to the last row's ``delivered_at_ms``, over the rows written in that window;
@@ -43,6 +46,7 @@ import orjson
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from confluent_kafka import KafkaException
 
 from tests.integration.harness import (
     BOOTSTRAP,
@@ -549,12 +553,14 @@ async def attempt(results: dict[str, Any], name: str, part: Any) -> None:
         results[name] = await part
     except TimedOut as exc:
         results[name] = {"timed_out": str(exc), "done": exc.done}
-    except (AssertionError, OSError, psycopg.Error) as exc:
+    except (AssertionError, OSError, psycopg.Error, KafkaException) as exc:
         results[name] = {"failed": f"{type(exc).__name__}: {str(exc)[-500:]}"}
     print(f"[throughput] {name}: {results[name]}", file=sys.stderr, flush=True)
 
 
 async def run(n: int, latency_s: int, batch_bytes: int = BATCH_BYTES) -> dict[str, Any]:
+    from tests.bench.hand_confluent import hand_written_confluent  # it imports this module
+
     prefix = f"b{uuid.uuid4().hex[:10]}"
     topic = f"{prefix}-ingest"
     results: dict[str, Any] = {"n": n, "request_bytes": REQUEST_BYTES, "partitions": PARTITIONS}
@@ -565,6 +571,8 @@ async def run(n: int, latency_s: int, batch_bytes: int = BATCH_BYTES) -> dict[st
         await attempt(results, "preload", preload(topic, values, batch_bytes=batch_bytes))
         await attempt(results, "raw_consume", raw_consume(topic, n, per_part))
         await attempt(results, "hand_written", hand_written(topic, prefix, n, per_part))
+        confluent = hand_written_confluent(topic, prefix, n, per_part)
+        await attempt(results, "hand_written_confluent", confluent)
     finally:
         await delete_topics(prefix)
     await attempt(results, "fleet_1_worker", fleet_run(n, 1, per_part, batch_bytes))
@@ -575,17 +583,26 @@ async def run(n: int, latency_s: int, batch_bytes: int = BATCH_BYTES) -> dict[st
     return results
 
 
-def ratios(r: dict[str, Any]) -> dict[str, float | None]:
+def ratios(r: dict[str, Any]) -> dict[str, float | str | None]:
+    """The fleet against the faster hand-written pipeline (named), then against each."""
+
     def rate(name: str) -> float | None:
         return r.get(name, {}).get("msgs_per_s")
 
-    def over(a: str, b: str) -> float | None:
-        x, y = rate(a), rate(b)
+    def over(a: str, b: str | None) -> float | None:
+        x, y = rate(a), rate(b) if b else None
         return round(x / y, 3) if x and y else None
 
+    hands = [h for h in ("hand_written", "hand_written_confluent") if rate(h)]
+    faster = max(hands, key=lambda h: rate(h) or 0, default=None)
     return {
+        "hand_written_faster": faster,
+        "fleet_2_workers/hand_written_faster": over("fleet_2_workers", faster),
+        "fleet_1_worker/hand_written_faster": over("fleet_1_worker", faster),
         "fleet_2_workers/hand_written": over("fleet_2_workers", "hand_written"),
         "fleet_1_worker/hand_written": over("fleet_1_worker", "hand_written"),
+        "fleet_2_workers/hand_written_confluent": over("fleet_2_workers", "hand_written_confluent"),
+        "fleet_1_worker/hand_written_confluent": over("fleet_1_worker", "hand_written_confluent"),
         "fleet_1_worker/raw_consume": over("fleet_1_worker", "raw_consume"),
         "fleet_2_workers/raw_consume": over("fleet_2_workers", "raw_consume"),
     }
@@ -596,6 +613,8 @@ def summarize(r: dict[str, Any]) -> str:
         part = r.get(name, {})
         if "msgs_per_s" in part:
             note = f"  (INCOMPLETE: {part['incomplete']})" if "incomplete" in part else ""
+            if name == (r.get("ratios") or {}).get("hand_written_faster"):
+                note += "  (faster: the fleet's ratios use it)"
             return f"  {label:<34} {part['msgs_per_s']:>9,} msgs/s{note}"
         return f"  {label:<34} {part.get('timed_out') or part.get('failed') or 'not run'}"
 
@@ -604,7 +623,8 @@ def summarize(r: dict[str, Any]) -> str:
         f"{r.get('partitions')} partitions)",
         line("preload (plain producer)", "preload"),
         line("a. raw consume", "raw_consume"),
-        line("b. hand-written pipeline", "hand_written"),
+        line("b. hand-written (aiokafka)", "hand_written"),
+        line("b2. hand-written (confluent-kafka)", "hand_written_confluent"),
         line("c. fleet, 1 worker", "fleet_1_worker"),
         line("c. fleet, 2 workers", "fleet_2_workers"),
     ]
@@ -626,7 +646,7 @@ def summarize(r: dict[str, Any]) -> str:
         else:
             lines.append(f"  {label:<34} {lat.get('timed_out') or lat.get('failed') or 'not run'}")
     for name, value in (r.get("ratios") or {}).items():
-        lines.append(f"  {name:<34} {value if value is not None else 'n/a'}")
+        lines.append(f"  {name:<38} {value if value is not None else 'n/a'}")
     return "\n".join(lines)
 
 
@@ -653,4 +673,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module under its own name, not this ``__main__`` copy: tests.bench.hand_confluent
+    # imports tests.bench.throughput, and the TimedOut it raises must be the one caught here.
+    from tests.bench import throughput
+
+    sys.exit(throughput.main())
