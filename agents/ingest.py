@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from app import metrics, names, topics
 from app.engine import producing
@@ -202,10 +202,20 @@ def routing_key(namespace: Namespace, request: WriteRequest, message_id: str, se
 
 
 def _at_path(request: WriteRequest, path: str) -> str:
-    """Value at a dotted path (``payload.user.id``, ``metadata.tenant``) as a string."""
-    value: Any = request.model_dump(by_alias=False)
+    """Value at a dotted path (``payload.user.id``, ``metadata.tenant``) as a string.
+
+    Walks the request's fields and dicts; the same value a walk of its
+    ``model_dump()`` gives (routing must not change), without dumping it."""
+    value: Any = request
     for part in path.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, BaseModel):
+            value = getattr(value, part, None) if part in type(value).model_fields else None
+        else:
+            value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, BaseModel):
+        value = value.model_dump(by_alias=False)
+    elif isinstance(value, list):  # ``target``: a list of models
+        value = [v.model_dump(by_alias=False) if isinstance(v, BaseModel) else v for v in value]
     if isinstance(value, (dict, list)):
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
     return "" if value is None else str(value)

@@ -177,3 +177,54 @@ def test_any_input_is_admitted_or_rejected_with_a_documented_code(raw: bytes) ->
         assert admitted.namespace.name == "orders"
         assert admitted.message_id
         assert admitted.routing_key.startswith("orders")
+
+
+def _dumped_at(request: WriteRequest, path: str) -> str:
+    """How a key path was read before: a walk of the request's ``model_dump()``."""
+    value: Any = request.model_dump(by_alias=False)
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, dict | list):
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    return "" if value is None else str(value)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "payload.user.id",
+        "payload.user",
+        "payload.user.tags",
+        "payload.flag",
+        "payload.none",
+        "payload.missing.deeper",
+        "metadata.tenant",
+        "metadata",
+        "lifecycle.delay",
+        "lifecycle",
+        "target",
+        "tags",
+        "priority",
+        "namespace",
+        "message_id",
+        "messageId",
+        "nothing",
+    ],
+)
+def test_a_key_path_reads_what_the_dumped_request_held(path: str) -> None:
+    """Routing must not change across versions: the walk without a dump gives the same."""
+    request = WriteRequest.model_validate(
+        {
+            "namespace": "a",
+            "messageId": "m-1",
+            "payload": {"user": {"id": 7, "tags": [1, "x"]}, "flag": True, "none": None},
+            "metadata": {"tenant": "t1"},
+            "lifecycle": {"delay": 5},
+            "target": [{"identifier": "pg"}],
+            "tags": ["a"],
+            "priority": 3,
+        }
+    )
+    key_path = {"shardConfig": {"strategy": "custom", "keyPath": path}}
+    namespace = Namespace.model_validate({"name": "a", **key_path})
+    assert routing_key(namespace, request, "m-1", 0) == f"a:{_dumped_at(request, path)}"
