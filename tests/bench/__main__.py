@@ -2,7 +2,7 @@
 
     .venv/bin/python -m tests.bench [--quick] [--only NAME[,NAME]] [--out PATH]
 
-Benchmarks: throughput, resources, delay (tests/bench/<name>.py) and sink
+Benchmarks: throughput, tracking, resources, delay (tests/bench/<name>.py) and sink
 (tests/bench/sink.py, skipped when it is not there). Each runs as its own
 process, ``python -m tests.bench.<name>``, with a hard timeout: past it the
 process gets SIGTERM (it stops its workers and drops its topics and tables),
@@ -33,6 +33,7 @@ from tests.integration.harness import ROOT
 #: name → hard timeout in seconds (quick, full).
 BENCHES: dict[str, tuple[int, int]] = {
     "throughput": (420, 2400),
+    "tracking": (300, 900),
     "resources": (300, 1200),
     "delay": (300, 1500),
     "sink": (300, 1200),

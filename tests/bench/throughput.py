@@ -110,10 +110,11 @@ def requests(prefix: str, n: int, size: int = REQUEST_BYTES) -> Iterator[bytes]:
     return (write_request(prefix, i, size) for i in range(n))
 
 
-def journal_namespace(table: str) -> dict[str, Any]:
+def journal_namespace(table: str, **extra: Any) -> dict[str, Any]:
     return {
         "name": NAMESPACE,
         "targets": [{"identifier": "pg", "type": "sql", "config": {"table": table}}],
+        **extra,
     }
 
 
@@ -262,16 +263,17 @@ async def whereabouts(fleet: Fleet) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def bench_fleet(name: str) -> AsyncIterator[tuple[Fleet, str]]:
-    """A fresh prefix, group and journal table with the bench namespace applied; all removed
-    afterwards (worker logs are kept under var/bench-runs/ when something failed)."""
+async def bench_fleet(name: str, **namespace: Any) -> AsyncIterator[tuple[Fleet, str]]:
+    """A fresh prefix, group and journal table with the bench namespace applied (``namespace``:
+    settings of it beyond the defaults); all removed afterwards (worker logs are kept under
+    var/bench-runs/ when something failed)."""
     tmp = ROOT / "var" / "bench-runs" / f"{name}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir(parents=True)
     fleet = Fleet(tmp, partitions=PARTITIONS, extra_env=dict(FLEET_ENV))
     table = f"bench_{fleet.prefix}"
     failed = True
     try:
-        await asyncio.to_thread(fleet.apply, journal_namespace(table))
+        await asyncio.to_thread(fleet.apply, journal_namespace(table, **namespace))
         yield fleet, table
         failed = False
     finally:
@@ -440,8 +442,10 @@ async def hand_written(topic: str, prefix: str, n: int, timeout: float) -> dict[
 # -- c. the fleet ----------------------------------------------------------------------------
 
 
-async def fleet_run(n: int, workers: int, timeout: float, batch_bytes: int) -> dict[str, Any]:
-    async with bench_fleet(f"fleet{workers}") as (fleet, table):
+async def fleet_run(
+    n: int, workers: int, timeout: float, batch_bytes: int, **namespace: Any
+) -> dict[str, Any]:
+    async with bench_fleet(f"fleet{workers}", **namespace) as (fleet, table):
         values = requests(fleet.prefix, n)
         loaded = await preload(fleet.topic("ingest"), values, batch_bytes=batch_bytes)
         spawned = time.time()
