@@ -80,11 +80,14 @@ def dispatch(state: dict[str, Any], effect: txns.Dispatch) -> Record:
     spec = mutation["spec"]
     step = spec if effect.kind == "forward" else spec["compensation"]
     mid = txns.mutation_id(txn_id, effect.index, effect.kind)
+    config = {"operation": step["operation"]}
+    if step.get("conditions"):  # checked where the write happens; not met: compensated
+        config["conditions"] = step["conditions"]
     value = orjson.dumps(
         {
             "namespace": state["namespace"],
             "payload": step.get("data") or {},
-            "target": {"identifier": spec["target"], "config": {"operation": step["operation"]}},
+            "target": {"identifier": spec["target"], "config": config},
             "messageId": mid,
         }
     )

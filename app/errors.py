@@ -46,6 +46,9 @@ CODES: dict[str, str] = {
     "TARGET_REJECTED": "The target refused the write for good (constraint violation, "
     "bad type, HTTP 4xx).",
     "TARGET_THROTTLED": "The target asked us to slow down (HTTP 429, Redis busy).",
+    "CONDITION_FAILED": "The write's conditions did not hold at its target (SQL: the row "
+    "or its columns; Redis: the key's value or hash fields; HTTP: 412), so it was not "
+    "applied; a transaction's mutation that fails so is compensated.",
     "TARGET_ERROR": "The target failed in a way that may pass (HTTP 5xx, database error).",
     "RETRIES_EXHAUSTED": "Every attempt the retry policy allows failed; "
     "wal-error-message holds the last failure.",

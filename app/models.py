@@ -146,6 +146,10 @@ class TargetOptions(Wire):
     key_prefix: str | None = Field(default=None, max_length=200)
     ttl_seconds: int | None = Field(default=None, ge=1, le=31_536_000)
     operation: str | None = Field(default=None, max_length=20)
+    #: Apply the write only where these hold, checked where the write happens (SQL:
+    #: columns in the statement; Redis: the key's value or hash fields in the script;
+    #: HTTP: ``If-Match`` and ``WAL-Conditions`` headers). Not met: ``CONDITION_FAILED``.
+    conditions: dict[str, Any] | None = Field(default=None, max_length=32)
 
 
 class TargetRef(Wire):

@@ -310,9 +310,15 @@ def fold(value: NamespaceStats, d: Delta, *, partition: int, offset: int, now_ms
 
 def _first_reads(value: NamespaceStats, d: Delta) -> tuple[dict[str, int], Sketch]:
     """The delta's counts without the source records counted before (those go to
-    ``replayed``), and its latency sketch unless some of its deliveries were replays."""
+    ``replayed``), and its latency sketch unless some of its deliveries were replays.
+
+    Every outcome of the delta is checked against what was counted *before* it, then
+    all of them are remembered together: the outcomes of one batch interleave within a
+    source partition (a write delivered between two dead-lettered ones), and one
+    outcome's ranges, merged to stay few, must not swallow another's still uncounted."""
     counts = dict(d.counts)
     replayed: dict[str, int] = {}
+    counted: dict[str, list[tuple[int, int]]] = {}
     for outcome, per_partition in d.sources.items():
         fresh = 0
         for where, ranges in per_partition.items():
@@ -320,15 +326,19 @@ def _first_reads(value: NamespaceStats, d: Delta) -> tuple[dict[str, int], Sketc
             if key not in value.seen and len(value.seen) >= MAX_SEEN:
                 fresh += sum(hi - lo + 1 for lo, hi in ranges)  # not remembered: counted
                 continue
-            seen = value.seen.setdefault(key, [])
+            seen = value.seen.get(key, [])
             for lo, hi in ranges:
                 before = covered(seen, lo, hi)
                 fresh += hi - lo + 1 - before
                 replayed[outcome] = replayed.get(outcome, 0) + before
-                cover(seen, lo, hi)
-            if len(seen) > MAX_RANGES:
-                seen[: len(seen) - MAX_RANGES + 1] = [[seen[0][0], seen[-MAX_RANGES][1]]]
+            counted.setdefault(key, []).extend(ranges)
         counts[outcome] = fresh
+    for key, ranges in counted.items():
+        seen = value.seen.setdefault(key, [])
+        for lo, hi in ranges:
+            cover(seen, lo, hi)
+        if len(seen) > MAX_RANGES:
+            seen[: len(seen) - MAX_RANGES + 1] = [[seen[0][0], seen[-MAX_RANGES][1]]]
     if sum(replayed.values()):
         counts[REPLAYED] = counts.get(REPLAYED, 0) + sum(replayed.values())
     latency = {} if replayed.get("delivered") else d.latency

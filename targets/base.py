@@ -117,6 +117,18 @@ def permanent(code: str, message: str) -> Outcome:
     return Outcome("permanent", code, message)
 
 
+def condition_failed(message: str) -> Outcome:
+    """The write's ``conditions`` (``Write.options["conditions"]``) did not hold: not
+    applied, and not recorded as applied (the same id may apply once they hold)."""
+    return Outcome("permanent", "CONDITION_FAILED", message)
+
+
+def conditions_of(write: Write) -> Mapping[str, Any]:
+    """The write's conditions (empty: none)."""
+    found = write.options.get("conditions")
+    return found if isinstance(found, Mapping) else {}
+
+
 class Target(ABC):
     """Base of every target; see the module docstring for the contract."""
 

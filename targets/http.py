@@ -16,8 +16,21 @@ request goes. Each request carries the payload as JSON, ``Idempotency-Key:
 by that key) and the write's ``traceparent``. Redirects are not followed: they
 could lead off the allowed hosts.
 
+Conditions (``Write.options["conditions"]``, an object) travel with the write's
+own request (every write has one; none is shared) for the receiver to check:
+``WAL-Conditions: <all of them as compact JSON>`` (non-ASCII escaped as
+``\\uXXXX``), and ``If-Match`` from ``etag`` (sent as is when it starts with
+``"`` or ``W/``, or is ``*``; else quoted) or else from ``version`` (its text, quoted). An
+``etag`` that is not a string, a ``version`` that is not a string or number, or
+an ``If-Match`` that would not be a visible-ASCII header value refuses the write
+before any request (permanent ``TARGET_REJECTED``). A write without conditions
+sends neither header.
+
 Status codes: 2xx delivered; 408, 425, 429, 5xx retryable (``Retry-After`` in
-seconds or as an HTTP date becomes ``retry_after``); other codes permanent.
+seconds or as an HTTP date becomes ``retry_after``); 412 to a write with
+conditions is permanent ``CONDITION_FAILED`` (the receiver found them not met:
+not applied, and the same id may apply later); other codes - 412 to a write
+without conditions too - permanent ``TARGET_REJECTED``.
 
 httpx logs every request's URL at INFO; webhook URLs often carry a secret in
 their path or query (Slack-style hooks), so opening a target raises the
@@ -30,6 +43,7 @@ import asyncio
 import contextlib
 import email.utils
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,13 +53,23 @@ import httpx
 import orjson
 
 from app.errors import ConfigError
-from targets.base import DELIVERED, Outcome, Target, Write, permanent, retryable
+from targets.base import (
+    DELIVERED,
+    Outcome,
+    Target,
+    Write,
+    condition_failed,
+    conditions_of,
+    permanent,
+    retryable,
+)
 
 __all__ = ["HttpTarget"]
 
 _METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 _PROBE_METHODS = {"HEAD", "GET"}
 _PASSTHROUGH = ("traceparent", "tracestate")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 class HttpTarget(Target):
@@ -109,6 +133,11 @@ class HttpTarget(Target):
             "Idempotency-Key": item.id,
             **{h: v for h in _PASSTHROUGH if (v := item.headers.get(h))},
         }
+        if conditions := conditions_of(item):
+            try:
+                headers.update(condition_headers(conditions))
+            except ValueError as exc:
+                return permanent("TARGET_REJECTED", str(exc)[:300])
         async with self._gate:
             try:
                 response = await self._client.request(
@@ -122,7 +151,10 @@ class HttpTarget(Target):
                 return retryable("TARGET_ERROR", f"unexpected {type(exc).__name__}")
         return self._scrub(
             classify_response(
-                response.status_code, response.reason_phrase, response.headers.get("Retry-After")
+                response.status_code,
+                response.reason_phrase,
+                response.headers.get("Retry-After"),
+                conditional=bool(conditions),
             )
         )
 
@@ -136,12 +168,20 @@ class HttpTarget(Target):
 
 
 def classify_response(
-    status: int, reason: str = "", retry_after: str | None = None, now: float | None = None
+    status: int,
+    reason: str = "",
+    retry_after: str | None = None,
+    now: float | None = None,
+    *,
+    conditional: bool = False,
 ) -> Outcome:
-    """The outcome of an HTTP status (``now``: epoch seconds, for HTTP-date hints)."""
+    """The outcome of an HTTP status (``now``: epoch seconds, for HTTP-date hints;
+    ``conditional``: the request carried the write's conditions)."""
     message = f"HTTP {status} {reason}".strip()
     if 200 <= status < 300:
         return DELIVERED
+    if status == 412 and conditional:
+        return condition_failed(message)
     hint = parse_retry_after(retry_after, now)
     if status == 429:
         return retryable("TARGET_THROTTLED", message, hint)
@@ -152,6 +192,37 @@ def classify_response(
     if 300 <= status < 400:
         return permanent("TARGET_REJECTED", f"{message} (redirects are not followed)")
     return permanent("TARGET_REJECTED", message)
+
+
+def condition_headers(conditions: Mapping[str, Any]) -> dict[str, str]:
+    """``WAL-Conditions`` and, from ``etag`` or ``version``, ``If-Match``; ValueError
+    (naming the condition) for one that cannot be sent."""
+    try:
+        text = orjson.dumps(dict(conditions)).decode()
+    except TypeError as exc:  # orjson.JSONEncodeError
+        raise ValueError(f"conditions are not JSON: {exc}") from None
+    headers = {"WAL-Conditions": _NON_ASCII.sub(_json_escape, text)}
+    etag, version = conditions.get("etag"), conditions.get("version")
+    if etag is not None:
+        if not isinstance(etag, str) or not etag:
+            raise ValueError("condition 'etag' must be a non-empty string")
+        name, tag = "etag", etag if etag == "*" or etag.startswith(('"', "W/")) else f'"{etag}"'
+    elif version is not None:
+        if isinstance(version, bool) or not isinstance(version, (str, int, float)):
+            raise ValueError("condition 'version' must be a string or a number")
+        name, tag = "version", f'"{version}"'
+    else:
+        return headers
+    if not (tag.isascii() and tag.isprintable()) or len(tag) > 1024:
+        raise ValueError(f"condition {name!r} is not a usable entity tag (visible ASCII)")
+    headers["If-Match"] = tag
+    return headers
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    """A non-ASCII character as JSON escapes (a surrogate pair above U+FFFF)."""
+    encoded = match.group().encode("utf-16-be")
+    return "".join(f"\\u{encoded[i : i + 2].hex()}" for i in range(0, len(encoded), 2))
 
 
 def classify_error(exc: httpx.HTTPError) -> Outcome:

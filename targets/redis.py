@@ -24,6 +24,30 @@ step, so a replayed INCRBY counts once. The batch's scripts go in one pipeline
 without MULTI: one round trip, and one item's error (WRONGTYPE) fails that
 item alone. A pipeline that broke mid-way is safe to send again for the same
 reason. The script is loaded on first NOSCRIPT (a new or restarted server).
+
+Conditions (``Write.options["conditions"]``, an object) are checked inside that
+same script, after the marker and before the operation: check and write are one
+atomic step, and a write sees the effect of those before it in the batch (of
+many writes conditioned on the value one of them changes, only the first
+applies). A write without conditions runs the script exactly as before.
+
+* ``value``   the key's string value equals this value, encoded as ``set``
+              encodes it (a string as is, anything else as JSON); ``null``: the
+              key is absent. A key that is not a string does not match.
+* ``exists``  ``true``: the key exists; ``false``: it does not.
+* ``fields``  a non-empty object of field -> value: each hash field holds that
+              value (encoded like ``hset``); ``null``: the field is absent. A key
+              that is not a hash does not match.
+
+All of a write's conditions must hold. Any other name, or a value of the wrong
+kind, refuses the write before Redis is asked (permanent ``TARGET_REJECTED``
+naming it). A condition that does not hold: the operation is not applied, the
+marker is not set, and the outcome is permanent ``CONDITION_FAILED`` saying
+which condition and how (``condition 'value' not met: the key's value
+differs``, ``condition 'fields' not met: field 'f' is absent``); the same id
+applies later, once its conditions hold. A replay of an applied write stays
+``delivered`` whatever its conditions say now. Messages never quote stored
+values.
 """
 
 from __future__ import annotations
@@ -49,6 +73,8 @@ from targets.base import (
     Target,
     Write,
     at_path,
+    condition_failed,
+    conditions_of,
     permanent,
     retryable,
 )
@@ -61,18 +87,41 @@ _WITH_TTL = {"set", "hset", "incrby"}
 PROBE_TIMEOUT_S = 2.0
 
 # KEYS: marker, key. ARGV: marker TTL, operation, TTL ('' for none), operation arguments...
+# A write with conditions has its operation prefixed '?', the number of condition
+# triples (test, field, operand) in ARGV[4], those triples, then its operation arguments.
+# A condition not met returns {its 1-based index, why} and changes nothing.
 _SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local op, ttl = ARGV[2], ARGV[3]
+local op, ttl, a = ARGV[2], ARGV[3], 4
+if string.byte(op) == 63 then
+  op, a = string.sub(op, 2), 5 + 3 * tonumber(ARGV[4])
+  for i = 5, a - 1, 3 do
+    local test, want, r, why = ARGV[i], ARGV[i + 2], nil, nil
+    if test == 'exists' then
+      r = redis.call('EXISTS', KEYS[2])
+      if r ~= tonumber(want) then why = r == 1 and 'exists' or 'absent' end
+    elseif test == 'nofield' then
+      r = redis.pcall('HEXISTS', KEYS[2], ARGV[i + 1])
+      if type(r) == 'table' then why = 'wrongtype' elseif r == 1 then why = 'exists' end
+    else
+      if test == 'get' then r = redis.pcall('GET', KEYS[2])
+      else r = redis.pcall('HGET', KEYS[2], ARGV[i + 1]) end
+      if type(r) == 'table' then why = 'wrongtype'
+      elseif not r then why = 'absent'
+      elseif r ~= want then why = 'differs' end
+    end
+    if why then return {(i - 2) / 3, why} end
+  end
+end
 local r
 if op == 'set' then
-  if ttl ~= '' then r = redis.pcall('SET', KEYS[2], ARGV[4], 'EX', ttl)
-  else r = redis.pcall('SET', KEYS[2], ARGV[4]) end
+  if ttl ~= '' then r = redis.pcall('SET', KEYS[2], ARGV[a], 'EX', ttl)
+  else r = redis.pcall('SET', KEYS[2], ARGV[a]) end
 elseif op == 'del' then r = redis.pcall('DEL', KEYS[2])
-elseif op == 'hset' then r = redis.pcall('HSET', KEYS[2], unpack(ARGV, 4))
-elseif op == 'hdel' then r = redis.pcall('HDEL', KEYS[2], unpack(ARGV, 4))
-elseif op == 'incrby' then r = redis.pcall('INCRBY', KEYS[2], ARGV[4])
-elseif op == 'expire' then r = redis.pcall('EXPIRE', KEYS[2], ARGV[4])
+elseif op == 'hset' then r = redis.pcall('HSET', KEYS[2], unpack(ARGV, a))
+elseif op == 'hdel' then r = redis.pcall('HDEL', KEYS[2], unpack(ARGV, a))
+elseif op == 'incrby' then r = redis.pcall('INCRBY', KEYS[2], ARGV[a])
+elseif op == 'expire' then r = redis.pcall('EXPIRE', KEYS[2], ARGV[a])
 else return redis.error_reply('ERR unknown operation ' .. op) end
 if type(r) == 'table' and r.err then return r end
 if ttl ~= '' and op ~= 'set' then redis.call('EXPIRE', KEYS[2], ttl) end
@@ -156,6 +205,8 @@ class RedisTarget(Target):
                     again[i] = call
                 elif isinstance(result, BaseException):
                     outcomes[i] = self._scrub(classify(result))
+                elif isinstance(result, list):  # a condition that did not hold
+                    outcomes[i] = condition_failed(unmet(conditions_of(batch[i]), result))
             if not again or not await self._load_script(again, outcomes):
                 break
             calls = again
@@ -175,8 +226,11 @@ class RedisTarget(Target):
         if value is MISSING:
             value = item.payload
         args = _arguments(op, value, ttl)
-        marker = f"wal:applied:{item.namespace}:{self.name}:{item.id}"
         ttl_arg = str(ttl) if ttl and op in _WITH_TTL else ""
+        if conditions := conditions_of(item):  # see _SCRIPT for where they go
+            tests = [part for _, test in _tests(conditions) for part in test]
+            op, args = f"?{op}", [len(tests) // 3, *tests, *args]
+        marker = f"wal:applied:{item.namespace}:{self.name}:{item.id}"
         return ["EVALSHA", _SHA, 2, marker, f"{prefix}{key}", self.dedupe_ttl, op, ttl_arg, *args]
 
     async def _run(self, calls: list[list[Any]]) -> list[Any]:
@@ -232,6 +286,62 @@ def classify(exc: BaseException) -> Outcome:
     return retryable("TARGET_ERROR", message)
 
 
+#: What the script's ``why`` means, for the outcome's message.
+_WHY = {
+    "absent": "the key is absent",
+    "exists": "the key exists",
+    "differs": "the key's value differs",
+    "wrongtype": "the key does not hold a string",
+}
+_FIELD_WHY = {
+    "absent": "field {} is absent",
+    "exists": "field {} exists",
+    "differs": "field {} differs",
+    "wrongtype": "the key does not hold a hash",
+}
+
+
+def _tests(conditions: Mapping[str, Any]) -> list[tuple[str, tuple[str, str, bytes | str]]]:
+    """The script's condition triples (test, field, operand), each after its condition's name.
+
+    :class:`_Invalid` for a name this target does not know or a value of the wrong kind.
+    """
+    tests: list[tuple[str, tuple[str, str, bytes | str]]] = []
+    for name, want in conditions.items():
+        if name == "value":
+            test = ("exists", "", "0") if want is None else ("get", "", _encode(want, name))
+            tests.append((name, test))
+        elif name == "exists":
+            if not isinstance(want, bool):
+                raise _Invalid("condition 'exists' must be true or false")
+            tests.append((name, ("exists", "", "1" if want else "0")))
+        elif name == "fields":
+            if not isinstance(want, Mapping) or not want:
+                raise _Invalid("condition 'fields' must be a non-empty object of field -> value")
+            for field, v in want.items():
+                test = (
+                    ("nofield", str(field), "")
+                    if v is None
+                    else ("hget", str(field), _encode(v, name))
+                )
+                tests.append((name, test))
+        else:
+            raise _Invalid(f"unknown condition {str(name)[:100]!r} (value, exists, fields)")
+    return tests
+
+
+def unmet(conditions: Mapping[str, Any], reply: list[Any]) -> str:
+    """The message of the script's reply ``[index, why]`` for a condition that did not hold."""
+    index, why = reply
+    why = why.decode() if isinstance(why, bytes) else str(why)
+    name, (test, field, _) = _tests(conditions)[int(index) - 1]
+    if test in ("hget", "nofield"):
+        detail = _FIELD_WHY.get(why, why).format(repr(field[:100]))
+    else:
+        detail = _WHY.get(why, why)
+    return f"condition {name!r} not met: {detail}"
+
+
 def _arguments(op: str, value: Any, ttl: int | None) -> list[Any]:
     if op == "set":
         return [_encode(value)]
@@ -256,13 +366,14 @@ def _arguments(op: str, value: Any, ttl: int | None) -> list[Any]:
     return [seconds]
 
 
-def _encode(value: Any) -> bytes:
+def _encode(value: Any, condition: str = "") -> bytes:
     if isinstance(value, str):
         return value.encode()
     try:
         return orjson.dumps(value)
     except TypeError as exc:
-        raise _Invalid(f"value is not JSON: {exc}") from None
+        what = f"condition {condition!r}" if condition else "value"
+        raise _Invalid(f"{what} is not JSON: {exc}") from None
 
 
 def _opt(options: Mapping[str, Any], camel: str, snake: str, default: Any) -> Any:

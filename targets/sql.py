@@ -48,6 +48,8 @@ from targets.base import (
     Outcome,
     Target,
     Write,
+    condition_failed,
+    conditions_of,
     permanent,
     retryable,
 )
@@ -150,8 +152,8 @@ class SqlTarget(Target):
             return []
         try:
             async with self.engine.begin() as conn:
-                await self._apply(conn, plans)
-            return [DELIVERED] * len(plans)
+                failed = await self._apply(conn, plans)
+            return [failed.get(p.position, DELIVERED) for p in plans]
         except Exception as exc:
             outcome = self._classify(exc)
             if outcome.status != "permanent" or len(plans) == 1:
@@ -160,9 +162,11 @@ class SqlTarget(Target):
 
     def _plan(self, index: int, item: Write) -> Plan:
         if self.mode == "journal":
+            if conditions_of(item):
+                raise Invalid("journal mode takes no conditions (rows mode does)")
             return Plan(index, item, "journal", {})
         operation, row = self._rows.plan(item)
-        return Plan(index, item, operation, row)
+        return Plan(index, item, operation, row, self._rows.conditions(item))
 
     async def _prepare(self) -> None:
         """Create the journal or ledger table on first use (not in open: the DB may be down)."""
@@ -185,11 +189,13 @@ class SqlTarget(Target):
                     if "already exists" not in str(exc) or attempt == 2:
                         raise
 
-    async def _apply(self, conn: AsyncConnection, plans: list[Plan]) -> None:
+    async def _apply(self, conn: AsyncConnection, plans: list[Plan]) -> dict[int, Outcome]:
+        """Apply ``plans`` in ``conn``'s transaction; the outcomes of those whose conditions
+        did not hold, by position (the rest are applied)."""
         if self.mode == "journal":
             await self._apply_journal(conn, plans)
-        else:
-            await self._apply_rows(conn, plans)
+            return {}
+        return await self._apply_rows(conn, plans)
 
     async def _apply_journal(self, conn: AsyncConnection, plans: list[Plan]) -> None:
         now_ms = int(time.time() * 1000)
@@ -230,16 +236,41 @@ class SqlTarget(Target):
             await self._staging.load(cur, name, _JOURNAL_COLUMNS, data)
             await cur.execute(insert_new(name, _JOURNAL_COLUMNS, ("namespace", "message_id")))
 
-    async def _apply_rows(self, conn: AsyncConnection, plans: list[Plan]) -> None:
+    async def _apply_rows(self, conn: AsyncConnection, plans: list[Plan]) -> dict[int, Outcome]:
         if conn.dialect.name == "postgresql":
-            await self._copy_rows(conn, plans)
-            return
+            return await self._copy_rows(conn, plans)
         fresh = await self._claim(conn, plans)
         todo = [p for p in plans if (p.write.namespace, p.write.id) in fresh]
+        failed: dict[int, Outcome] = {}
         for operation, run in runs(todo):
-            await self._rows.execute(conn, operation, [p.row for p in run])
+            if run[0].conditions:
+                await self._conditioned(conn, run[0], failed)
+            else:
+                await self._rows.execute(conn, operation, [p.row for p in run])
+        return failed
 
-    async def _copy_rows(self, conn: AsyncConnection, plans: list[Plan]) -> None:
+    async def _conditioned(
+        self, conn: AsyncConnection, plan: Plan, failed: dict[int, Outcome]
+    ) -> None:
+        """Apply a conditioned plan; if its conditions do not hold, take back its ledger
+        claim (the same id may apply once they do) and note it in ``failed``."""
+        if await self._rows.execute_conditioned(conn, plan):
+            return
+        ledger = self._ledger
+        await conn.execute(
+            ledger.delete().where(
+                ledger.c.namespace == plan.write.namespace,
+                ledger.c.target == self.name,
+                ledger.c.id == plan.write.id,
+            )
+        )
+        names = ", ".join(sorted(plan.conditions))
+        why = "a row holds" if plan.operation == "insert" else "the row does not hold"
+        failed[plan.position] = condition_failed(
+            f"{plan.operation} on {self._rows.table_name}: {why} {names}"
+        )
+
+    async def _copy_rows(self, conn: AsyncConnection, plans: list[Plan]) -> dict[int, Outcome]:
         """PostgreSQL: the ledger claim and every run of one operation by COPY into
         staging and one set-based statement each (:mod:`targets.sql_copy`)."""
         spec, ledger = self._rows, self._ledger.name
@@ -254,8 +285,11 @@ class SqlTarget(Target):
             await cur.execute(claim)
             fresh = {(ns, i) for ns, i in await cur.fetchall()}
             todo = [p for p in plans if (p.write.namespace, p.write.id) in fresh]
-            loaded = False
+            loaded, failed = False, dict[int, Outcome]()
             for operation, run in runs(todo):
+                if run[0].conditions:
+                    await self._conditioned(conn, run[0], failed)
+                    continue
                 rows = [p.row for p in run]
                 if operation in ("upsert", "update"):
                     rows = spec.merged(rows)
@@ -268,6 +302,7 @@ class SqlTarget(Target):
                     loaded = True
                     statement = rows_statement(operation, spec.table_name, spec.keys, columns)
                     await cur.execute(statement)
+        return failed
 
     @contextlib.asynccontextmanager
     async def _copying(self, conn: AsyncConnection) -> Any:

@@ -16,6 +16,7 @@ from targets.base import (
     MISSING,
     Write,
     at_path,
+    conditions_of,
 )
 from targets.sql_copy import Encoder, encoders
 
@@ -23,12 +24,13 @@ OPERATIONS = {"insert", "upsert", "update", "delete"}
 
 
 class Plan(NamedTuple):
-    """One item ready to apply: its position in the batch, operation and row."""
+    """One item ready to apply: its position in the batch, operation, row and conditions."""
 
     position: int
     write: Write
     operation: str
     row: dict[str, Any]
+    conditions: Mapping[str, Any] = {}
 
 
 def dialect_insert(conn: AsyncConnection, table: sa.Table) -> Any:
@@ -92,9 +94,7 @@ class RowsSpec:
         unknown = sorted(set(row) - set(self.table.c.keys()))
         if unknown:
             raise Invalid(f"table {self.table_name} has no column {', '.join(unknown)}")
-        flat = sorted(
-            c for c, v in row.items() if isinstance(v, dict | list) and c not in self.structured
-        )
+        flat = self.flat(row)
         if flat:
             raise Invalid(f"column {', '.join(flat)} takes no JSON object or array")
         if op != "insert":
@@ -110,6 +110,60 @@ class RowsSpec:
         elif not row:
             raise Invalid("no column to write")
         return op, row
+
+    def flat(self, values: Mapping[str, Any]) -> list[str]:
+        """The columns given an object or array that take neither (not JSON, not array)."""
+        return sorted(
+            c for c, v in values.items() if isinstance(v, dict | list) and c not in self.structured
+        )
+
+    def conditions(self, item: Write) -> Mapping[str, Any]:
+        """The item's conditions (column -> value the stored row must hold); :class:`Invalid`
+        for a column the table lacks, or an object or array for a column of neither kind."""
+        assert self.table is not None
+        conditions = conditions_of(item)
+        unknown = sorted(set(conditions) - set(self.table.c.keys()))
+        if unknown:
+            raise Invalid(f"condition on no column of {self.table_name}: {', '.join(unknown)}")
+        flat = self.flat(conditions)
+        if flat:
+            raise Invalid(f"condition on column {', '.join(flat)} takes no JSON object or array")
+        return conditions
+
+    async def execute_conditioned(self, conn: AsyncConnection, plan: Plan) -> bool:
+        """Apply one conditioned plan; False (nothing changed) when its conditions do not hold.
+
+        ``update``/``delete``: the key's row, only where the named columns hold the given
+        values (``None``: IS NULL). ``upsert``: inserts an absent row, updates a present one
+        only where they hold. ``insert``: only if no row holds them (atomic where the named
+        columns are a unique key)."""
+        table = self.table
+        assert table is not None
+        held = [table.c[c] == v for c, v in plan.conditions.items()]
+        row, keys = plan.row, self.keys
+        if plan.operation == "insert":
+            chosen = sa.select(*[sa.literal(v, type_=table.c[c].type) for c, v in row.items()])
+            absent = ~sa.exists().where(*held)
+            stmt: Any = sa.insert(table).from_select(list(row), chosen.where(absent))
+        elif plan.operation == "upsert":
+            insert = dialect_insert(conn, table)
+            updates = {c: insert.excluded[c] for c in row if c not in keys}
+            updates = updates or {keys[0]: insert.excluded[keys[0]]}  # a no-op when it holds
+            stmt = insert.values(row).on_conflict_do_update(
+                index_elements=keys, set_=updates, where=sa.and_(*held)
+            )
+        else:
+            where = sa.and_(*(table.c[k] == row[k] for k in keys), *held)
+            if plan.operation == "update":
+                values = {c: v for c, v in row.items() if c not in keys}
+                stmt = table.update().where(where).values(values)
+            else:
+                stmt = table.delete().where(where)
+        if plan.operation in ("insert", "upsert"):
+            # An INSERT's rowcount is -1 through SQLAlchemy and psycopg: count what it returns.
+            first = table.c[next(iter(row))]
+            return bool((await conn.execute(stmt.returning(first))).all())
+        return bool((await conn.execute(stmt)).rowcount)
 
     async def execute(
         self, conn: AsyncConnection, operation: str, rows: list[dict[str, Any]]
@@ -156,11 +210,13 @@ class RowsSpec:
 
 
 def runs(plans: list[Plan]) -> list[tuple[str, list[Plan]]]:
-    """Split plans into consecutive runs of one operation, keeping their order."""
+    """Split plans into consecutive runs of one operation, keeping their order; a plan with
+    conditions is a run of its own (it is checked against the row as it stands then)."""
     runs: list[tuple[str, list[Plan]]] = []
     for plan in plans:
-        if runs and runs[-1][0] == plan.operation:
-            runs[-1][1].append(plan)
+        last = runs[-1] if runs else None
+        if last and last[0] == plan.operation and not plan.conditions and not last[1][0].conditions:
+            last[1].append(plan)
         else:
             runs.append((plan.operation, [plan]))
     return runs

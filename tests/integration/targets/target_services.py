@@ -95,7 +95,8 @@ class Webhook:
     ``fail(n, status, headers)`` makes the next ``n`` requests answer ``status``;
     a body ``{"reject": true}`` gets 422; ``/slow`` answers after ``slow_s``;
     ``/echo401`` answers 401 with the request's headers in the body, ``/echo-reason``
-    in the reason phrase too (a hostile receiver).
+    in the reason phrase too (a hostile receiver); while ``etag`` is set, a request
+    whose ``If-Match`` differs from it gets 412.
     """
 
     port: int = field(default_factory=free_port)
@@ -109,6 +110,8 @@ class Webhook:
     slow_s: float = 2.0
     #: Called with each request's JSON body; a status it returns is the answer.
     fail_if: Callable[[Any], int | None] | None = None
+    #: The entity tag of the receiver's resource, checked against ``If-Match``.
+    etag: str | None = None
     _runner: web.AppRunner | None = None
 
     def url(self, path: str = "/hook") -> str:
@@ -154,6 +157,8 @@ class Webhook:
                 raise web.HTTPFound("http://169.254.169.254/")
             if self.fail_if is not None and (status := self.fail_if(body)):
                 return web.Response(status=status, text="scripted failure")
+            if self.etag is not None and request.headers.get("If-Match", self.etag) != self.etag:
+                return web.Response(status=412, text="precondition failed")
             if self.failures:
                 status, headers = self.failures.popleft()
                 return web.Response(status=status, headers=headers, text="try later")

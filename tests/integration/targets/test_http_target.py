@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from email.utils import formatdate
 from typing import Any
 
+import orjson
 import pytest
 
 from app.settings import Settings
@@ -183,3 +184,88 @@ async def test_a_receiver_echoing_the_secret_is_scrubbed_from_messages(
     assert outcome.message.startswith("HTTP 401 Denied")
     assert "Authorization=***" in outcome.message
     assert secret not in outcome.message
+
+
+def conditional(id: str, conditions: dict[str, Any] | None, n: int = 0) -> Write:
+    options = {} if conditions is None else {"conditions": conditions}
+    return Write(id=id, namespace="orders", payload={"n": n}, options=options)
+
+
+async def test_conditions_arrive_as_if_match_and_wal_conditions_headers(
+    webhook: Webhook, http_target: Callable[..., Any]
+) -> None:
+    target = await http_target(webhook.url())
+    sent = {
+        "etag": {"etag": "abc", "owner": "me"},
+        "quoted": {"etag": '"abc"'},
+        "weak": {"etag": 'W/"abc"', "version": 9},
+        "version": {"version": 7},
+        "text-version": {"version": "2024-01-01"},
+        "other": {"state": "open", "who": "Zoë"},
+        "none": None,
+    }
+    batch = [conditional(id, conditions) for id, conditions in sent.items()]
+    assert [o.status for o in await target.deliver(batch)] == ["delivered"] * len(batch)
+    headers = {r.headers["Idempotency-Key"]: r.headers for r in webhook.received}
+    assert {id: h.get("If-Match") for id, h in headers.items()} == {
+        "etag": '"abc"',
+        "quoted": '"abc"',
+        "weak": 'W/"abc"',
+        "version": '"7"',
+        "text-version": '"2024-01-01"',
+        "other": None,
+        "none": None,
+    }
+    for id, conditions in sent.items():
+        if conditions is None:
+            assert "WAL-Conditions" not in headers[id]
+        else:
+            assert orjson.loads(headers[id]["WAL-Conditions"]) == conditions
+    assert headers["etag"]["WAL-Conditions"] == '{"etag":"abc","owner":"me"}'  # compact
+    assert headers["other"]["WAL-Conditions"] == '{"state":"open","who":"Zo\\u00eb"}'
+
+
+async def test_412_is_condition_failed_for_a_conditional_write_and_not_retried(
+    webhook: Webhook, http_target: Callable[..., Any]
+) -> None:
+    target = await http_target(webhook.url())
+    webhook.etag = '"v2"'
+    batch = [
+        conditional("stale", {"version": "v1"}),
+        conditional("fresh", {"version": "v2"}),
+        conditional("stale-etag", {"etag": "v1"}),
+        conditional("unconditional", None),
+    ]
+    outcomes = await target.deliver(batch)
+    assert [(o.status, o.code) for o in outcomes] == [
+        ("permanent", "CONDITION_FAILED"),
+        ("delivered", None),
+        ("permanent", "CONDITION_FAILED"),
+        ("delivered", None),
+    ]
+    assert outcomes[0].message == "HTTP 412 Precondition Failed"
+    assert outcomes[0].retry_after is None
+    assert sorted(webhook.keys()) == sorted(w.id for w in batch)  # one request each: no retry
+    # A 412 to a write that carried no conditions keeps its old meaning.
+    webhook.fail(1, 412)
+    [outcome] = await target.deliver([conditional("plain", None)])
+    assert (outcome.status, outcome.code) == ("permanent", "TARGET_REJECTED")
+    assert webhook.keys().count("plain") == 1
+
+
+async def test_conditions_that_cannot_be_sent_are_refused_without_a_request(
+    webhook: Webhook, http_target: Callable[..., Any]
+) -> None:
+    target = await http_target(webhook.url())
+    batch = [
+        conditional("number-etag", {"etag": 5}),
+        conditional("object-version", {"version": {"a": 1}}),
+        conditional("newline", {"etag": "a\r\nX-Injected: 1"}),
+        conditional("ok", {"etag": "fine"}),
+    ]
+    outcomes = await target.deliver(batch)
+    assert [(o.status, o.code) for o in outcomes] == [("permanent", "TARGET_REJECTED")] * 3 + [
+        ("delivered", None)
+    ]
+    assert [o.message.split(" ")[1] for o in outcomes[:3]] == ["'etag'", "'version'", "'etag'"]
+    assert webhook.keys() == ["ok"]

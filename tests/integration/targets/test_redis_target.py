@@ -255,3 +255,145 @@ async def test_passwords_never_reach_messages_or_logs(
     for o in outcomes:
         assert secret not in o.message
     assert secret not in caplog.text
+
+
+def codes(outcomes: list[Outcome]) -> list[str | None]:
+    return [o.code if not o.ok else None for o in outcomes]
+
+
+async def markers(rdb: aioredis.Redis, ns: str, *ids: str) -> list[int]:
+    return [await rdb.exists(f"wal:applied:{ns}:cache:{ns}-{i}") for i in ids]
+
+
+async def test_conditions_that_hold_apply_once(
+    ns: str, rdb: aioredis.Redis, redis_target: Callable[..., Any]
+) -> None:
+    target = await redis_target(keyPrefix=f"{ns}:")
+    await rdb.set(f"{ns}:v", "7")
+    await rdb.set(f"{ns}:doc", orjson.dumps({"rev": 1}))
+    await rdb.set(f"{ns}:n", 10)
+    await rdb.hset(f"{ns}:h", mapping={"state": "open", "n": "2"})
+    batch = [
+        w(ns, "1", "set", "v", "8", conditions={"value": "7"}),
+        w(ns, "2", "set", "doc", {"rev": 2}, conditions={"value": {"rev": 1}}),  # JSON, as set
+        w(ns, "3", "incrby", "n", 5, conditions={"exists": True, "value": 10}),
+        w(ns, "4", "set", "new", "x", conditions={"exists": False}),
+        w(ns, "5", "set", "new2", "y", conditions={"value": None}),
+        w(ns, "6", "hset", "h", {"state": "done"}, conditions={"fields": {"state": "open"}}),
+        w(ns, "7", "hdel", "h", "n", conditions={"fields": {"n": 2, "gone": None}}),
+    ]
+    for _ in range(2):  # the second time is a replay: delivered, and nothing changes
+        assert statuses(await target.deliver(batch)) == ["delivered"] * len(batch)
+        assert await rdb.get(f"{ns}:v") == b"8"
+        assert orjson.loads(await rdb.get(f"{ns}:doc")) == {"rev": 2}
+        assert await rdb.get(f"{ns}:n") == b"15"
+        assert await rdb.mget(f"{ns}:new", f"{ns}:new2") == [b"x", b"y"]
+        assert await rdb.hgetall(f"{ns}:h") == {b"state": b"done"}
+
+
+async def test_conditions_not_met_change_nothing_and_the_write_applies_later(
+    ns: str, rdb: aioredis.Redis, redis_target: Callable[..., Any]
+) -> None:
+    target = await redis_target(keyPrefix=f"{ns}:")
+    await rdb.set(f"{ns}:v", "6")
+    await rdb.set(f"{ns}:here", "1")
+    await rdb.hset(f"{ns}:h", mapping={"state": "closed", "lock": "x"})
+    batch = [
+        w(ns, "1", "set", "v", "8", conditions={"value": "7"}),
+        w(ns, "2", "incrby", "absent", 1, conditions={"exists": True}),
+        w(ns, "3", "set", "here", "2", conditions={"exists": False}),
+        w(ns, "4", "set", "here", "3", conditions={"value": None}),
+        w(ns, "5", "hset", "h", {"state": "done"}, conditions={"fields": {"state": "open"}}),
+        w(ns, "6", "hset", "h", {"state": "done"}, conditions={"fields": {"lock": None}}),
+        w(ns, "7", "hset", "h", {"state": "done"}, conditions={"fields": {"owner": "me"}}),
+        w(ns, "8", "set", "h", "s", conditions={"value": "closed"}),  # a hash is no string
+        w(ns, "9", "set", "v", "9", conditions={"fields": {"a": "1"}}),  # a string is no hash
+        w(ns, "10", "incrby", "v", 1, conditions={"exists": True, "value": "7"}),  # 2nd fails
+    ]
+    outcomes = await target.deliver(batch)
+    assert [(o.status, o.code) for o in outcomes] == [("permanent", "CONDITION_FAILED")] * 10
+    assert [o.message for o in outcomes] == [
+        "condition 'value' not met: the key's value differs",
+        "condition 'exists' not met: the key is absent",
+        "condition 'exists' not met: the key exists",
+        "condition 'value' not met: the key exists",
+        "condition 'fields' not met: field 'state' differs",
+        "condition 'fields' not met: field 'lock' exists",
+        "condition 'fields' not met: field 'owner' is absent",
+        "condition 'value' not met: the key does not hold a string",
+        "condition 'fields' not met: the key does not hold a hash",
+        "condition 'value' not met: the key's value differs",
+    ]
+    assert await rdb.get(f"{ns}:v") == b"6"
+    assert await rdb.get(f"{ns}:here") == b"1"
+    assert await rdb.exists(f"{ns}:absent") == 0
+    assert await rdb.hgetall(f"{ns}:h") == {b"state": b"closed", b"lock": b"x"}
+    assert await markers(rdb, ns, *(str(i) for i in range(1, 11))) == [0] * 10
+    # Once the conditions hold, the same ids apply - once.
+    await rdb.set(f"{ns}:v", "7")
+    await rdb.set(f"{ns}:absent", 0)
+    applied = [batch[0], batch[1], batch[9]]
+    for _ in range(2):
+        assert statuses(await target.deliver(applied)) == ["delivered", "delivered", "permanent"]
+        assert await rdb.get(f"{ns}:v") == b"8"
+        assert await rdb.get(f"{ns}:absent") == b"1"
+    assert await markers(rdb, ns, "1", "2", "10") == [1, 1, 0]
+
+
+async def test_a_batch_mixing_conditions_met_and_not(
+    ns: str, rdb: aioredis.Redis, redis_target: Callable[..., Any]
+) -> None:
+    target = await redis_target(keyPrefix=f"{ns}:")
+    await rdb.mset({f"{ns}:a": "1", f"{ns}:b": "1", f"{ns}:c": "1"})
+    batch = [
+        w(ns, "1", "set", "a", "2", conditions={"value": "1"}),
+        w(ns, "2", "set", "b", "2", conditions={"value": "0"}),
+        w(ns, "3", "incrby", "n", 1),  # no conditions
+        w(ns, "4", "set", "c", "2", conditions={"exists": True}),
+        w(ns, "5", "set", "d", "2", conditions={"exists": True}),
+        w(ns, "6", "set", "e", "2", conditions={"when": "now"}),  # refused before Redis
+        w(ns, "7", "set", "e", "2", conditions={"exists": "yes"}),
+        w(ns, "8", "set", "e", "2", conditions={"fields": {}}),
+    ]
+    outcomes = await target.deliver(batch)
+    assert codes(outcomes) == [
+        None,
+        "CONDITION_FAILED",
+        None,
+        None,
+        "CONDITION_FAILED",
+        "TARGET_REJECTED",
+        "TARGET_REJECTED",
+        "TARGET_REJECTED",
+    ]
+    assert "unknown condition 'when'" in outcomes[5].message
+    assert "condition 'exists'" in outcomes[6].message
+    assert "condition 'fields'" in outcomes[7].message
+    keys = [f"{ns}:{k}" for k in "abcden"]
+    assert await rdb.mget(keys) == [b"2", b"1", b"2", None, None, b"1"]
+
+
+async def test_of_writes_racing_on_one_version_exactly_the_first_applies(
+    ns: str, rdb: aioredis.Redis, redis_target: Callable[..., Any]
+) -> None:
+    target = await redis_target(keyPrefix=f"{ns}:")
+    await rdb.set(f"{ns}:version", "7")
+    batch = [w(ns, str(i), "set", "version", "8", conditions={"value": "7"}) for i in range(20)]
+    outcomes = await target.deliver(batch)
+    assert codes(outcomes) == [None] + ["CONDITION_FAILED"] * 19
+    assert await rdb.get(f"{ns}:version") == b"8"
+    assert await markers(rdb, ns, *(str(i) for i in range(20))) == [1] + [0] * 19
+
+
+async def test_conditional_writes_survive_a_script_flush(
+    ns: str, rdb: aioredis.Redis, redis_target: Callable[..., Any]
+) -> None:
+    target = await redis_target(keyPrefix=f"{ns}:")
+    await rdb.script_flush()
+    batch = [
+        w(ns, "1", "set", "k", "1", conditions={"exists": False}),
+        w(ns, "2", "set", "k", "2", conditions={"exists": False}),
+        w(ns, "3", "set", "k", "3", conditions={"value": "1"}),
+    ]
+    assert codes(await target.deliver(batch)) == [None, "CONDITION_FAILED", None]
+    assert await rdb.get(f"{ns}:k") == b"3"

@@ -336,3 +336,81 @@ async def test_credentials_never_reach_messages_or_logs(
     for o in outcomes:
         assert secret not in o.message
     assert secret not in caplog.text
+
+
+def cw(id: str, payload: dict[str, Any], op: str, **conditions: Any) -> Write:
+    """A write with conditions, as a request's ``target.config.conditions`` gives them."""
+    return Write(
+        id=id,
+        namespace="shop",
+        payload=payload,
+        operation=op,
+        options={"conditions": conditions},
+        received_at_ms=1_000,
+    )
+
+
+async def test_conditions_decide_at_the_row(db: Db, sql_target: Callable[..., Any]) -> None:
+    table = await db.create_items()
+    target = await sql_target(db, mode="rows", table=table, keyColumns=["id"])
+    seed = [w("s1", {"id": 1, "name": "a", "qty": 7}), w("s2", {"id": 2, "name": "b", "qty": 7})]
+    assert statuses(await target.deliver(seed)) == ["delivered"] * 2
+    outcomes = await target.deliver(
+        [
+            cw("u1", {"id": 1, "qty": 8}, "update", qty=7),  # holds: 7 -> 8
+            cw("u2", {"id": 1, "qty": 9}, "update", qty=7),  # no longer holds (the same batch)
+            cw("u3", {"id": 1, "qty": 9}, "update", qty=8),  # holds after u1
+            cw("d1", {"id": 2}, "delete", qty=6),  # does not hold: stays
+            cw("i1", {"id": 3, "name": "c"}, "insert", name="c"),  # no row holds it: inserted
+            cw("i2", {"id": 4, "name": "c"}, "insert", name="c"),  # one does now: refused
+            cw("p1", {"id": 2, "name": "b2"}, "upsert", qty=7),  # present and holds: updated
+            cw("p2", {"id": 5, "name": "e"}, "upsert", qty=1),  # absent: inserted
+            cw("p3", {"id": 5, "name": "e2"}, "upsert", qty=1),  # present, qty NULL: refused
+            cw("n1", {"id": 5, "note": "x"}, "update", qty=None),  # None is IS NULL: holds
+        ]
+    )
+    assert statuses(outcomes) == [
+        "delivered",
+        "permanent",
+        "delivered",
+        "permanent",
+        "delivered",
+        "permanent",
+        "delivered",
+        "delivered",
+        "permanent",
+        "delivered",
+    ]
+    assert {o.code for o in outcomes if not o.ok} == {"CONDITION_FAILED"}
+    assert "qty" in outcomes[1].message
+    assert await db.rows(table) == [
+        (1, "a", 9, None, None),
+        (2, "b2", 7, None, None),
+        (3, "c", None, None, None),
+        (5, "e", None, None, "x"),
+    ]
+    # A refused write is not in the ledger: once its condition holds, the same id applies.
+    assert statuses(await target.deliver([cw("d1", {"id": 2}, "delete", qty=7)])) == ["delivered"]
+    assert [r[0] for r in await db.rows(table)] == [1, 3, 5]
+    # An applied one is: its replay changes nothing, whatever the row holds now.
+    assert statuses(await target.deliver([cw("u3", {"id": 1, "qty": 0}, "update", qty=8)])) == [
+        "delivered"
+    ]
+    assert (await db.rows(table))[0][2] == 9
+
+
+async def test_conditions_on_a_column_the_table_lacks_are_refused(
+    db: Db, sql_target: Callable[..., Any]
+) -> None:
+    table = await db.create_items()
+    rows = await sql_target(db, mode="rows", table=table, keyColumns=["id"])
+    outcomes = await rows.deliver(
+        [
+            cw("x1", {"id": 1, "name": "a"}, "upsert", nope=1),
+            cw("x2", {"id": 1, "name": "a"}, "upsert", name={"an": "object"}),
+        ]
+    )
+    assert [o.code for o in outcomes] == ["TARGET_REJECTED"] * 2
+    journal = await sql_target(db)
+    refused = await journal.deliver([cw("j1", {"a": 1}, "insert", a=1)])
+    assert refused[0].code == "TARGET_REJECTED" and "journal" in refused[0].message

@@ -256,3 +256,25 @@ def test_a_namespace_value_stays_small_however_many_partitions_and_targets() -> 
     assert len(value.seen) <= 1024
     assert all(len(r) <= MAX_RANGES for r in value.seen.values())
     assert len(value.dumps()) < 128 * 1024
+
+
+def test_outcomes_interleaved_within_a_partition_all_count() -> None:
+    """One delivered, two dead-lettered, over and over (version-checked writes): each
+    outcome's offsets are many runs, and none may be taken for another's as counted."""
+    value = NamespaceStats()
+    for batch in range(3):
+        base = batch * 30
+        won = [base + i for i in range(0, 30, 3)]
+        lost = [base + i for i in range(30) if i % 3]
+        d = delta(
+            "orders",
+            target="pg",
+            sources={
+                "delivered": sources("wal-ingest/0:1", won),
+                "dead_lettered": sources("wal-ingest/0:1", lost),
+            },
+        )
+        fold(value, parse(d.value), partition=0, offset=batch, now_ms=T0)
+    assert value.totals == {"delivered": 30, "dead_lettered": 60}
+    fold(value, parse(d.value), partition=0, offset=9, now_ms=T0)  # the last batch re-read
+    assert value.totals == {"delivered": 30, "dead_lettered": 60, "replayed": 30}

@@ -11,7 +11,7 @@ from redis import exceptions as rx
 from app.errors import ConfigError
 from app.settings import Settings
 from targets.base import Write
-from targets.redis import RedisTarget, classify
+from targets.redis import RedisTarget, classify, unmet
 
 
 async def target(**config: Any) -> RedisTarget:
@@ -142,3 +142,74 @@ def test_classify(exc: Exception, status: str, code: str) -> None:
 async def test_bad_config_fails_open(config: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         await target(**config)
+
+
+async def test_conditions_go_before_the_operation_arguments() -> None:
+    t = await target(ttlSeconds=9)
+    conditions = {"value": {"v": 1}, "exists": True, "fields": {"a": "x", "b": 2, "c": None}}
+    call = tail(t.command(write({"key": "k", "value": {"a": "y"}}, "hset", conditions=conditions)))
+    assert call[4:] == [
+        "?hset",
+        "9",  # the operation's TTL, as without conditions
+        5,
+        *("get", "", b'{"v":1}'),
+        *("exists", "", "1"),
+        *("hget", "a", b"x"),
+        *("hget", "b", b"2"),
+        *("nofield", "c", ""),
+        *("a", b"y"),
+    ]
+    absent = {"value": None, "exists": False}
+    assert tail(t.command(write({"key": "k", "value": "s"}, conditions=absent)))[4:] == [
+        "?set",
+        "9",
+        2,
+        *("exists", "", "0"),
+        *("exists", "", "0"),
+        b"s",
+    ]
+
+
+async def test_no_or_empty_conditions_send_the_same_call_as_before() -> None:
+    t = await target()
+    plain = t.command(write({"key": "k", "value": 1}, "incrby"))
+    assert t.command(write({"key": "k", "value": 1}, "incrby", conditions={})) == plain
+    assert t.command(write({"key": "k", "value": 1}, "incrby", conditions=None)) == plain
+    assert tail(plain)[4:] == ["incrby", "", 1]
+
+
+@pytest.mark.parametrize(
+    ("conditions", "fault"),
+    [
+        ({"when": "now"}, "unknown condition 'when'"),
+        ({"value": 1, "Value": 1}, "unknown condition 'Value'"),
+        ({"exists": 1}, "condition 'exists' must be true or false"),
+        ({"exists": None}, "condition 'exists' must be true or false"),
+        ({"fields": {}}, "condition 'fields' must be a non-empty object"),
+        ({"fields": ["a"]}, "condition 'fields' must be a non-empty object"),
+        ({"value": {1, 2}}, "condition 'value' is not JSON"),
+    ],
+)
+async def test_conditions_that_can_never_be_checked(conditions: dict[str, Any], fault: str) -> None:
+    t = await target()
+    outcomes = await t.deliver([write({"key": "a", "value": 1}, conditions=conditions)])
+    assert [(o.status, o.code) for o in outcomes] == [("permanent", "TARGET_REJECTED")]
+    assert fault in outcomes[0].message
+    await t.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        ([1, b"differs"], "condition 'value' not met: the key's value differs"),
+        ([1, b"wrongtype"], "condition 'value' not met: the key does not hold a string"),
+        ([2, b"absent"], "condition 'exists' not met: the key is absent"),
+        ([3, b"exists"], "condition 'fields' not met: field 'gone' exists"),
+        ([4, "differs"], "condition 'fields' not met: field 'f' differs"),
+        ([4, b"absent"], "condition 'fields' not met: field 'f' is absent"),
+        ([4, b"wrongtype"], "condition 'fields' not met: the key does not hold a hash"),
+    ],
+)
+def test_unmet_names_the_condition(reply: list[Any], message: str) -> None:
+    conditions = {"value": "7", "exists": True, "fields": {"gone": None, "f": 1}}
+    assert unmet(conditions, reply) == message
