@@ -51,12 +51,12 @@ OUTCOMES = ("accepted", "rejected", "delivered", "retried", "dead_lettered", "dr
 REPLAYED = "replayed"
 MINUTES = 60
 MAX_TARGETS = 64
-#: Counted offsets per (target, source partition) are kept as at most this many ranges;
-#: past it the lowest ones merge. The offsets between them are other namespaces' (or
-#: other deliver partitions'), never to be counted here: each source partition's
-#: records reach a target in order, so only a delta more than this many runs late
-#: would find its offsets taken as counted. Small, because the value is rewritten with
-#: every batch of deltas: a namespace's is ~80 KB at most (MAX_SEEN keys).
+#: Counted offsets per (target, source partition) are kept as at most this many ranges,
+#: one per batch at most (a batch's span: the offsets between its own are counted under
+#: other keys); past it the oldest merge. So only a delta more than this many batches
+#: late (a slow call's, or a concurrent batch's) would find its offsets taken as counted.
+#: Small, because the value is rewritten with every batch of deltas: a namespace's is
+#: ~80 KB at most (MAX_SEEN keys).
 MAX_RANGES = 4
 #: At most this many (target, source partition) pairs are remembered per namespace; past
 #: it a new pair's records are counted without being remembered.
@@ -335,9 +335,10 @@ def _first_reads(value: NamespaceStats, d: Delta) -> tuple[dict[str, int], Sketc
         counts[outcome] = fresh
     for key, ranges in counted.items():
         seen = value.seen.setdefault(key, [])
-        for lo, hi in ranges:
-            cover(seen, lo, hi)
-        if len(seen) > MAX_RANGES:
+        # The batch's span: its offsets for one key are consecutive in the source, and
+        # the gaps between them are records counted under other keys, never this one.
+        cover(seen, min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
+        if len(seen) > MAX_RANGES:  # the oldest merge: a late batch is a recent gap
             seen[: len(seen) - MAX_RANGES + 1] = [[seen[0][0], seen[-MAX_RANGES][1]]]
     if sum(replayed.values()):
         counts[REPLAYED] = counts.get(REPLAYED, 0) + sum(replayed.values())

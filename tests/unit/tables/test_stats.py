@@ -278,3 +278,22 @@ def test_outcomes_interleaved_within_a_partition_all_count() -> None:
     assert value.totals == {"delivered": 30, "dead_lettered": 60}
     fold(value, parse(d.value), partition=0, offset=9, now_ms=T0)  # the last batch re-read
     assert value.totals == {"delivered": 30, "dead_lettered": 60, "replayed": 30}
+
+
+def test_a_batch_counted_after_a_later_one_still_counts() -> None:
+    """Two batches in flight at once (WAL_AGENT_CONCURRENCY): the later one's delta comes
+    first, its offsets in many runs (the partition's other records counted elsewhere);
+    the earlier batch's wide gap must stay open until its own delta comes."""
+    value = NamespaceStats()
+
+    def batch(first: int) -> Delta:
+        listed = sources("wal-deliver/0", range(first, first + 100, 3))
+        return parse(delta("orders", target="pg", sources={"parked": listed}).value)
+
+    fold(value, batch(0), partition=0, offset=0, now_ms=T0)
+    fold(value, batch(200), partition=0, offset=1, now_ms=T0)  # before 100's
+    fold(value, batch(100), partition=0, offset=2, now_ms=T0)
+    assert value.totals == {"parked": 102}
+    assert len(value.seen["pg|wal-deliver/0"]) <= MAX_RANGES
+    fold(value, batch(200), partition=0, offset=3, now_ms=T0)  # re-read: counted apart
+    assert value.totals == {"parked": 102, "replayed": 34}
