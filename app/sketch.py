@@ -71,3 +71,21 @@ def cover(ranges: list[list[int]], lo: int, hi: int) -> None:
     touching = [r for r in ranges if not (r[1] < lo - 1 or r[0] > hi + 1)]
     merged = [min([lo, *(r[0] for r in touching)]), max([hi, *(r[1] for r in touching)])]
     ranges[:] = sorted([*keep, merged])
+
+
+def offset_ranges(listed: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
+    """``topic/partition/offset`` strings → ``topic/partition`` → sorted inclusive ranges."""
+    offsets: dict[str, set[int]] = {}
+    for source in listed:
+        where, _, offset = source.rpartition("/")
+        offsets.setdefault(where, set()).add(int(offset))
+    out: dict[str, list[tuple[int, int]]] = {}
+    for where, found in offsets.items():
+        ranges: list[tuple[int, int]] = []
+        for o in sorted(found):
+            if ranges and ranges[-1][1] == o - 1:
+                ranges[-1] = (ranges[-1][0], o)
+            else:
+                ranges.append((o, o))
+        out[where] = ranges
+    return out

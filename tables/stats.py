@@ -43,7 +43,16 @@ import orjson
 
 from app.fleet import fleet, settings
 from app.names import NAMESPACE, Record
-from app.sketch import LATENCY_BUCKETS, Sketch, cover, covered, merge, percentiles, sketch
+from app.sketch import (
+    LATENCY_BUCKETS,
+    Sketch,
+    cover,
+    covered,
+    merge,
+    offset_ranges,
+    percentiles,
+    sketch,
+)
 from app.topics import NAMES
 
 OUTCOMES = ("accepted", "rejected", "delivered", "retried", "dead_lettered", "dropped", "parked")
@@ -118,7 +127,7 @@ def delta(
     as :attr:`agents.deliver.items.Item.source`); their number is that outcome's count,
     and the fold counts each once however often it is re-read.
     """
-    named = {outcome: _ranges(listed) for outcome, listed in (sources or {}).items()}
+    named = {outcome: offset_ranges(listed) for outcome, listed in (sources or {}).items()}
     given = dict(
         accepted=accepted,
         rejected=rejected,
@@ -146,24 +155,6 @@ def delta(
             if per_partition
         }
     return Record(NAMES["stats"], namespace.encode(), orjson.dumps(value), {NAMESPACE: namespace})
-
-
-def _ranges(listed: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
-    """``topic/partition/offset`` strings → ``topic/partition`` → sorted inclusive ranges."""
-    offsets: dict[str, set[int]] = {}
-    for source in listed:
-        where, _, offset = source.rpartition("/")
-        offsets.setdefault(where, set()).add(int(offset))
-    out: dict[str, list[tuple[int, int]]] = {}
-    for where, found in offsets.items():
-        ranges: list[tuple[int, int]] = []
-        for o in sorted(found):
-            if ranges and ranges[-1][1] == o - 1:
-                ranges[-1] = (ranges[-1][0], o)
-            else:
-                ranges.append((o, o))
-        out[where] = ranges
-    return out
 
 
 def parse(raw: bytes | None) -> Delta:
