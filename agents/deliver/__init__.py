@@ -178,6 +178,7 @@ async def _deliver_batch(batch: Batch) -> None:
     )
     if follow_ups:  # what is decided goes out now (a transaction waits for its outcomes)
         await producing.emit_until_durable(follow_ups, what=f"{len(follow_ups)} follow-ups")
+    batch.hand_over()  # acked by _finish_late, not released when the agent goes on
     finishing = asyncio.ensure_future(_finish_late(batch, [], late))
     _late_batches.add(finishing)
     finishing.add_done_callback(_late_batches.discard)

@@ -180,13 +180,14 @@ class Lane:
 class Batch:
     """Records taken from a lane; :meth:`ack` once their effects are durable."""
 
-    __slots__ = ("_chunks", "_consumer", "_finished", "_lane", "records")
+    __slots__ = ("_chunks", "_consumer", "_finished", "_lane", "handed_over", "records")
 
     def __init__(self, chunks: list[Chunk], lane: Lane, consumer: Any) -> None:
         self._chunks = chunks
         self._lane = lane
         self._consumer = consumer
         self._finished = False
+        self.handed_over = False
         self.records: list[Any] = [r for chunk in chunks for r in chunk.records]
 
     def __len__(self) -> int:
@@ -205,6 +206,14 @@ class Batch:
         if not self._finished:
             self._finished = True
             self._lane.done(self._chunks)
+
+    def hand_over(self) -> None:
+        """The agent goes on to its next batch and finishes this one in a task of its own
+        (behind a slow call): it stays taken - pending for the heal timer, waited for by a
+        rebalance - until that task acks or releases it. Without this, the loop of
+        :func:`batches` released it on taking the next batch, and :meth:`ack` did nothing
+        after that: the heal timer found the partitions stranded and read them again."""
+        self.handed_over = True
 
 
 def lanes_of(app: Any) -> dict[str, Lane]:
@@ -232,8 +241,9 @@ async def batches(
 ) -> AsyncIterator[Batch]:
     """Batches of up to ``size`` records of ``stream``'s topic (of the partitions of
     ``slot`` of ``slots``), ``within`` seconds after the first; unacked (call
-    :meth:`Batch.ack`). A batch neither acked nor released when the agent moves on is
-    released: read again after the next seek, never committed."""
+    :meth:`Batch.ack`). A batch neither acked nor released nor handed over
+    (:meth:`Batch.hand_over`) when the agent moves on is released: read again after the
+    next seek, never committed."""
     lane = open_lane(stream, capacity=max(size * 4, 4096), slots=slots)
     consumer = stream.app.consumer
     while True:
@@ -241,7 +251,8 @@ async def batches(
         try:
             yield batch
         finally:
-            batch.release()
+            if not batch.handed_over:
+                batch.release()
 
 
 async def each_batch(

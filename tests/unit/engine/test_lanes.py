@@ -165,12 +165,10 @@ def test_offsets_already_committed_or_acked_are_not_counted_again() -> None:
     assert commit(c) == 5
 
 
-async def test_a_batch_that_fails_unexpectedly_is_released_and_the_agent_goes_on(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def agent_parts(monkeypatch: pytest.MonkeyPatch) -> tuple[Lane, Consumer, Any, Any]:
+    """A lane, a consumer, a stream and settings for running :func:`each_batch`."""
     import app.engine.lanes as lanes
 
-    monkeypatch.setattr(lanes, "RETRY_PAUSE_S", 0)
     lane = Lane("wal-deliver", capacity=100)
     consumer = Consumer()
     app: Any = SimpleNamespace(consumer=consumer, _wal_lanes={"wal-deliver": lane})
@@ -178,6 +176,16 @@ async def test_a_batch_that_fails_unexpectedly_is_released_and_the_agent_goes_on
     stream: Any = SimpleNamespace(app=app, channel=SimpleNamespace(topics=("wal-deliver",)))
     monkeypatch.setattr(lanes, "aiter", lambda channel: channel, raising=False)
     settings = SimpleNamespace(batch_size=10, batch_within_ms=1, agent_concurrency=1)
+    return lane, consumer, stream, settings
+
+
+async def test_a_batch_that_fails_unexpectedly_is_released_and_the_agent_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import app.engine.lanes as lanes
+
+    monkeypatch.setattr(lanes, "RETRY_PAUSE_S", 0)
+    lane, consumer, stream, settings = agent_parts(monkeypatch)
     handled: list[int] = []
 
     async def handle(batch: Batch) -> None:
@@ -195,3 +203,40 @@ async def test_a_batch_that_fails_unexpectedly_is_released_and_the_agent_goes_on
     assert handled == [0, 3]  # the agent lived on
     assert [c.records[0].offset for c in consumer.acked] == [3]  # the failed batch: not acked
     assert lane.taken == 0
+
+
+async def test_a_batch_handed_over_stays_taken_until_its_own_task_acks_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Deliver finishes a batch behind a slow call in a task of its own and takes the next
+    one meanwhile: the first must stay pending (not stranded for the heal timer) and its
+    late ack must count."""
+    import app.engine.lanes as lanes
+
+    lane, consumer, stream, settings = agent_parts(monkeypatch)
+    slow = asyncio.Event()
+    late: list[asyncio.Future[None]] = []
+
+    async def finish_later(batch: Batch) -> None:
+        await slow.wait()
+        batch.ack()
+
+    async def handle(batch: Batch) -> None:
+        if batch.records[0].tp == TP0:
+            batch.hand_over()
+            late.append(asyncio.ensure_future(finish_later(batch)))
+        else:
+            batch.ack()
+
+    lane.put(chunk(TP0, 0, 3))
+    task = asyncio.ensure_future(lanes.each_batch(stream, handle, settings))
+    await asyncio.sleep(0.05)
+    lane.put(chunk(TP1, 0, 2))  # the agent goes on while TP0's batch waits
+    await asyncio.sleep(0.05)
+    assert [c.tp for c in consumer.acked] == [TP1]
+    assert lane.pending() == {TP0} and lane.taken == 3
+    slow.set()
+    await asyncio.wait_for(late[0], 1)
+    task.cancel()
+    assert [c.tp for c in consumer.acked] == [TP1, TP0]
+    assert lane.taken == 0 and lane.pending() == set()
