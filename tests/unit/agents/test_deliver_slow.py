@@ -69,7 +69,7 @@ class Message:
 class FakeBatch:
     def __init__(self, *records: Message) -> None:
         self.records = list(records)
-        self.acked = self.released = False
+        self.acked = self.released = self.handed_over = False
 
     def __len__(self) -> int:
         return len(self.records)
@@ -79,6 +79,9 @@ class FakeBatch:
 
     def release(self) -> None:
         self.released = True
+
+    def hand_over(self) -> None:
+        self.handed_over = True
 
 
 def message(namespace: str, n: int) -> Message:
@@ -133,6 +136,7 @@ async def test_a_hung_target_lets_its_batch_go_on_and_acks_it_when_it_ends(
     await deliver._deliver_batch(first)  # type: ignore[arg-type]
     assert time.monotonic() - started < 2.0  # did not wait for the hung call
     assert Fake.delivered == ["fast-2"] and not first.acked  # its hung write is not done
+    assert first.handed_over  # finished in the background: the lane must not release it
     assert ("slow", "t") in calls.slow_calls
 
     # The target's later writes queue behind its slow call (in order), their batch going on
