@@ -65,6 +65,22 @@ TARGET_DEADLINES = Counter(
     "Target calls abandoned at WAL_TARGET_DEADLINE_S (their writes went to the retry path).",
     ["namespace", "target"],
 )
+TARGET_PACE = Gauge(
+    "wal_target_pace",
+    "Writes a second this worker lets through to a paced target now (its share, "
+    "lowered after TARGET_THROTTLED).",
+    ["namespace", "target"],
+)
+TARGET_PACE_LIMIT = Gauge(
+    "wal_target_pace_limit",
+    "The target's limits.maxPerSecond (the fleet's), or the pace learned from throttling.",
+    ["namespace", "target"],
+)
+TARGET_WAITING = Gauge(
+    "wal_target_waiting",
+    "Writes this worker parked to wait their turn at a paced target, not back yet.",
+    ["namespace", "target"],
+)
 CONSUMER_LAG = Gauge(
     "wal_consumer_lag",
     "Records not yet processed, per assigned partition.",

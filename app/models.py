@@ -304,6 +304,14 @@ class CircuitConfig(Wire):
         return self
 
 
+class TargetLimits(Wire):
+    """How fast the whole fleet may write to a target; each worker takes the share that
+    matches its share of ``wal-deliver``'s partitions (``agents/deliver/pace.py``)."""
+
+    max_per_second: float | None = Field(default=None, gt=0, le=1_000_000)
+    max_in_flight: int | None = Field(default=None, ge=1, le=100_000)
+
+
 class TargetDef(Wire):
     """A named target of a namespace: its kind and its configuration.
 
@@ -315,6 +323,7 @@ class TargetDef(Wire):
     type: Annotated[Literal["sql", "redis", "http"], BeforeValidator(_target_kind)]
     config: dict[str, Any] = {}
     circuit: CircuitConfig = CircuitConfig()
+    limits: TargetLimits = TargetLimits()
     region: str | None = None
     weight: int = Field(default=100, ge=0, le=100)
     enabled: bool = True

@@ -36,6 +36,8 @@ ORDER_SEQ = "wal-order-seq"
 TRANSACTION_ID = "wal-transaction-id"
 MUTATION_INDEX = "wal-mutation-index"
 MUTATION_KIND = "wal-mutation-kind"
+#: The target a parked write waited its turn for (its pace); it goes when it is back.
+PACED = "wal-paced"
 TRACEPARENT = "traceparent"
 
 #: Headers a client may set on an ingest record that the fleet carries along.

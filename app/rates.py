@@ -1,5 +1,6 @@
 """One token bucket, for every rate the fleet keeps: API requests per namespace
-(:mod:`app.web.access`) and the pace of a dead-letter replay (:mod:`app.ops.dlq`)."""
+(:mod:`app.web.access`), the pace of a dead-letter replay (:mod:`app.ops.dlq`) and a
+target's pace (:mod:`agents.deliver.pace`)."""
 
 from __future__ import annotations
 
@@ -31,17 +32,29 @@ class TokenBucket:
 
     def take(self) -> float:
         """Take a token: 0.0 if granted, else the seconds until one is there (none taken)."""
-        self._refill()
-        if self.tokens >= 1.0:
+        wait = self.due()
+        if not wait:
             self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return wait
+
+    def due(self) -> float:
+        """Seconds until a token taken now could be acted on (nothing taken)."""
+        self._refill()
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
 
     def owe(self) -> float:
         """Take a token, in debt if need be: the seconds to wait before acting on it."""
         self._refill()
         self.tokens -= 1.0
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+    def retune(self, rate: float, capacity: float) -> None:
+        """A new rate and capacity from now on (tokens and debt so far are kept)."""
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self._refill()
+        self.rate, self.capacity = rate, capacity
+        self.tokens = min(self.tokens, capacity)
 
     async def wait(self) -> None:
         """Take a token and sleep until it is due."""

@@ -131,7 +131,10 @@ class CircuitBreaker:
         """Fold in the outcomes of one call."""
         if not outcomes:
             return
-        failed = not any(o.ok for o in outcomes) and any(o.status == "retryable" for o in outcomes)
+        # A throttled answer is an answer: the target is up, it asks for a slower pace
+        # (agents/deliver/pace.py), and that is not what the breaker is for.
+        answered = any(o.ok or o.code == "TARGET_THROTTLED" for o in outcomes)
+        failed = not answered and any(o.status == "retryable" for o in outcomes)
         if not failed:
             self._close()
             return

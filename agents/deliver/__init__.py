@@ -60,6 +60,7 @@ from typing import Any
 import orjson
 
 from agents.deliver import calls as target_calls
+from agents.deliver import pace
 from agents.deliver.calls import (
     Call,
     missed_lately,
@@ -346,9 +347,15 @@ async def _deliver_all(items: list[Item]) -> tuple[list[Record], list[Call]]:
                 follow_ups.append(park(item, identifier, None))  # wait in Kafka, not here
             else:
                 groups[key].append(item)
-        calls = [
-            start_call(ns, identifier, members) for (ns, identifier), members in groups.items()
-        ]
+        calls = []
+        for (ns, identifier), members in groups.items():
+            definition = members[0].namespace.target(identifier) if members[0].namespace else None
+            go, waiting = pace.admit(ns, definition or JOURNAL, members)
+            for item, seconds, booked in waiting:  # its turn is later: it waits in Kafka
+                wait_ms = int(seconds * 1000)
+                follow_ups.append(park(item, identifier, None, wait_ms=wait_ms, paced=booked))
+            if go:
+                calls.append(start_call(ns, identifier, go))
         try:
             slow = await settle(calls)
         except asyncio.CancelledError:  # the agent is stopping: no call outlives its batch

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+from agents.deliver import pace
 from agents.deliver.items import JOURNAL, Item, ordered
 from agents.deliver.outcomes import count_delivered
 from app import metrics
@@ -167,6 +168,9 @@ async def deliver_group(namespace_name: str, identifier: str, members: list[Item
     breaker = BREAKERS.get(f"{namespace_name}/{identifier}")
     deadline = settings.target_deadline_s
     started = time.monotonic()
+    key = (namespace_name, identifier)
+    pace.started(key, len(members))
+    outcomes: list[Outcome] = []
     try:
         async with asyncio.timeout(deadline):
             outcomes = await target.deliver([m.writes[identifier] for m in members])
@@ -175,13 +179,15 @@ async def deliver_group(namespace_name: str, identifier: str, members: list[Item
             retryable("TARGET_UNAVAILABLE", f"no answer within the {deadline:g} s deadline")
         ] * len(members)
         metrics.TARGET_DEADLINES.labels(namespace_name, identifier).inc()
-        _missed[(namespace_name, identifier)] = asyncio.get_running_loop().time()
+        _missed[key] = asyncio.get_running_loop().time()
         if breaker is not None:  # abandoned, so the target's own accounting never ran
             breaker.record(outcomes)
     else:
-        usual = _usual.get((namespace_name, identifier))
+        usual = _usual.get(key)
         took = time.monotonic() - started
-        _usual[(namespace_name, identifier)] = took if usual is None else 0.8 * usual + 0.2 * took
+        _usual[key] = took if usual is None else 0.8 * usual + 0.2 * took
+    finally:  # in flight no more, even when cancelled; throttling lowers the pace
+        pace.ended(key, len(members), outcomes, started)
     metrics.DELIVERY_SECONDS.labels(namespace_name, identifier).observe(time.monotonic() - started)
     count_delivered(namespace_name, identifier, members, outcomes)
     if breaker is not None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from agents.deliver import pace
 from agents.deliver.items import Item, lifecycle, ordered
 from app import backoff, metrics, names, topics
 from app.names import Record
@@ -115,8 +116,7 @@ def decide(item: Item, outcome: Outcome, now_ms: int) -> Decision:
     assert item.namespace is not None
     asked = lifecycle(item)
     policy = backoff.effective(item.namespace.retry_policy, asked.retry_policy)
-    received = int(item.headers.get(names.RECEIVED_AT) or now_ms)
-    expires = received + 1000 * (asked.ttl or item.namespace.message_ttl_seconds)
+    expires = _expires_at(item, now_ms)
     failure = f"{outcome.code}: {outcome.message}"
     if outcome.status == "retryable" and backoff.should_retry(policy, item.attempt, outcome.code):
         wait = backoff.delay_ms(policy, item.attempt, retry_after_s=outcome.retry_after)
@@ -130,6 +130,14 @@ def decide(item: Item, outcome: Outcome, now_ms: int) -> Decision:
     if item.headers.get(names.TRANSACTION_ID):
         return Decision(Fate.FAILED, code, message)
     return Decision(Fate.DEAD_LETTERED, code, message)
+
+
+def _expires_at(item: Item, now_ms: int) -> int:
+    """When the write's time to live ends (the request's ``lifecycle.ttl``, else its
+    namespace's ``messageTtlSeconds``, from when it was received)."""
+    assert item.namespace is not None
+    received = int(item.headers.get(names.RECEIVED_AT) or now_ms)
+    return received + 1000 * (lifecycle(item).ttl or item.namespace.message_ttl_seconds)
 
 
 def finish(
@@ -163,7 +171,7 @@ def finish(
     if fate is Fate.RETRIED:
         return _retry(item, target or "", decision, now)
     if fate is Fate.PARKED:
-        return _park(item, target or "", seq, now)
+        return _park(item, target or "", seq, now, decision)
     if fate is Fate.DROPPED:
         message_id = item.headers.get(names.MESSAGE_ID)
         log.warning(
@@ -184,7 +192,12 @@ def _next_step(
     states: dict[bytes, dict[str, ordering.KeyState]],
 ) -> Record | None:
     """After a write's outcome: its follow-up record, and its key's sequencing."""
-    decision = decide(item, outcome, int(time.time() * 1000))
+    now = int(time.time() * 1000)
+    if outcome.code == "TARGET_THROTTLED" and not ordered(item) and now < _expires_at(item, now):
+        # Not a failure: it waits its turn at the pace the answer just lowered.
+        wait_s, booked = pace.turn((_name(item), identifier), outcome.retry_after)
+        return park(item, identifier, None, wait_ms=int(wait_s * 1000), paced=booked)
+    decision = decide(item, outcome, now)
     record = finish(item, identifier, decision)
     if not ordered(item):
         return record
@@ -214,20 +227,29 @@ def _mutation_outcome(item: Item, error: str | None) -> Record:
     )
 
 
-def park(item: Item, identifier: str, seq: int | None) -> Record:
-    """Send a write round the shortest delay tier until its key (or its slow target) lets
-    it through; its attempt count is unchanged."""
-    record = finish(item, identifier, Decision(Fate.PARKED), seq)
+def park(
+    item: Item, identifier: str, seq: int | None, *, wait_ms: int = PARK_MS, paced: bool = False
+) -> Record:
+    """Send a write round a delay tier until its key (or its slow target) lets it through,
+    or (``paced``) until its turn at its target's pace comes; its attempt count unchanged."""
+    decision = Decision(Fate.PARKED, PACED if paced else None, wait_ms=wait_ms)
+    record = finish(item, identifier, decision, seq)
     assert record is not None
     return record
 
 
-def _park(item: Item, identifier: str, seq: int | None, now: int) -> Record:
+#: The code of a park for a target's pace: the write goes when it is back.
+PACED = "PACED"
+
+
+def _park(item: Item, identifier: str, seq: int | None, now: int, decision: Decision) -> Record:
+    wait = decision.wait_ms or PARK_MS
     headers: dict[str, str | None] = dict(item.headers)
-    headers.update({names.TARGET: identifier, names.DUE_AT: str(now + PARK_MS)})
+    headers.update({names.TARGET: identifier, names.DUE_AT: str(now + wait)})
+    headers[names.PACED] = identifier if decision.code == PACED else None
     if seq is not None:
         headers[names.ORDER_SEQ] = str(seq)
-    return Record(topics.delay_topic_for(PARK_MS), item.key, item.raw, headers)
+    return Record(topics.delay_topic_for(wait), item.key, item.raw, headers)
 
 
 def _retry(item: Item, identifier: str, decision: Decision, now: int) -> Record:
@@ -241,6 +263,7 @@ def _retry(item: Item, identifier: str, decision: Decision, now: int) -> Record:
             names.ERROR_MESSAGE: decision.message[:1000],
             names.FIRST_FAILED_AT: item.headers.get(names.FIRST_FAILED_AT) or str(now),
             names.LAST_FAILED_AT: str(now),
+            names.PACED: None,  # it waits for its retry; its next turn is booked anew
         }
     )
     return Record(topics.delay_topic_for(decision.wait_ms), item.key, item.raw, headers)

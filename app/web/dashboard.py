@@ -14,6 +14,8 @@ The data::
      "backlog": {"total": n, "byTopic": {topic: n}} | None,
      "dlq": {"topic", "depth"} | None (the shared DLQ topic),
      "circuits": [{"worker", "key", "state", "consecutive_failures"}],
+     "paces": [{"worker", "namespace", "target", "limit", "fleetPace", "pace", "share",
+                "inFlight", "maxInFlight", "waiting"}],
      "workers": [{"url", "ready", "assigned": {topic: [p]}, "lag": {topic: {p: n}},
                   "stalled"?: [{"topic", "partition", "seconds"}], "error"?}]}
 """
@@ -58,6 +60,7 @@ def render(data: Mapping[str, Any]) -> str:
             _cards(namespaces, workers, data.get("backlog"), data.get("dlq")),
             _namespaces(namespaces),
             _circuits(list(data.get("circuits") or [])),
+            _paces(list(data.get("paces") or [])),
             _workers(workers),
             "</main>",
         ]
@@ -176,6 +179,31 @@ def _circuits(circuits: Sequence[Mapping[str, Any]]) -> str:
     return _section("Circuit breakers", head + ("".join(rows) or empty))
 
 
+def _paces(paces: Sequence[Mapping[str, Any]]) -> str:
+    """Targets with a pace on some worker: the fleet's limit and its pace now (lower
+    after throttling), this worker's share of it, and the writes waiting in Kafka."""
+    if not paces:
+        return ""
+    titles = ["Target (namespace/target)", "Limit /s", "Fleet pace /s", "Pace here /s"]
+    head = _row("th", [*titles, "Waiting", "In flight", "Worker"])
+    rows = []
+    for p in sorted(paces, key=lambda p: (str(p.get("namespace")), str(p.get("target")))):
+        flight = _int(p.get("inFlight"))
+        if p.get("maxInFlight"):
+            flight += f" / {_int(p.get('maxInFlight'))}"
+        cells = [
+            _e(f"{p.get('namespace')}/{p.get('target')}"),
+            _num(p.get("limit")),
+            _num(p.get("fleetPace")),
+            _num(p.get("pace")),
+            _int(p.get("waiting")),
+            flight,
+            _e(p.get("worker")),
+        ]
+        rows.append(_row("td", cells, raw=True, numeric=[1, 2, 3, 4]))
+    return _section("Target pace", head + "".join(rows))
+
+
 def _workers(workers: Sequence[Mapping[str, Any]]) -> str:
     head = _row("th", ["Worker", "Ready", "Partitions", "Lag (records)"])
     rows = []
@@ -256,6 +284,10 @@ def _ms(value: float | None) -> str:
 
 def _int(value: Any) -> str:
     return _NONE if value is None else f"{int(value):,}"
+
+
+def _num(value: Any) -> str:
+    return _NONE if value is None else f"{float(value):,.1f}"
 
 
 def _e(value: Any) -> str:

@@ -1,4 +1,4 @@
-"""The fleet as operators see it: every worker's assignment, lag and circuits
+"""The fleet as operators see it: every worker's assignment, lag, circuits and paces
 (``GET /wal/fleet``), and the dashboard page built from them (``GET /wal/dashboard``)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from urllib.parse import quote
 import httpx
 from faust.web import Request, Response, View
 
+from agents.deliver import pace
 from app import topics
 from app.engine import offsets
 from app.fleet import fleet
@@ -42,6 +43,7 @@ def worker_view() -> dict[str, Any]:
         "lag": _json_lag(offsets.consumer_lag()),
         "stalled": offsets.stalled_partitions(),
         "circuits": {key: breaker.snapshot() for key, breaker in sorted(BREAKERS.items())},
+        "paces": pace.view(),
         "members": offsets.members(),
     }
 
@@ -102,6 +104,11 @@ class Dashboard(View):
                 {"worker": w["url"], "key": key, **snapshot}
                 for w in fleet_data["workers"]
                 for key, snapshot in (w.get("circuits") or {}).items()
+            ],
+            "paces": [
+                {"worker": w["url"], **paced}
+                for w in fleet_data["workers"]
+                for paced in (w.get("paces") or [])
             ],
             "workers": fleet_data["workers"],
         }

@@ -64,6 +64,14 @@ def test_partial_and_permanent_batches_count_as_the_target_being_up() -> None:
     assert cb.state == "open"
 
 
+def test_a_throttling_target_is_up_its_pace_deals_with_it() -> None:
+    cb = breaker(Clock(), threshold=1)
+    cb.record([retryable("TARGET_THROTTLED", "HTTP 429", 1.0)] * 3)
+    assert cb.state == "closed"
+    cb.record([retryable("TARGET_THROTTLED", "HTTP 429"), DOWN[0]])
+    assert cb.state == "closed"
+
+
 def test_half_open_allows_one_probe_and_closes_on_success() -> None:
     clock = Clock()
     cb = breaker(clock, threshold=1, cooldown=30)
