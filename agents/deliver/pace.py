@@ -58,6 +58,9 @@ ENDS_AT = 10
 IN_FLIGHT_WAIT_S = 0.2
 #: Turns are booked at most this far ahead; a write whose turn is later asks again then.
 HORIZON_S = 2.0
+#: Writes back from their turns can come in a bunch (delay tiers release them a batch at
+#: a time): none goes past the pace over any second, and one over it waits this long.
+OVER_WAIT_S = 0.5
 #: How often a worker looks again at its share of ``wal-deliver``.
 SHARE_EVERY_S = 1.0
 
@@ -80,6 +83,8 @@ class Pace:
     bucket: TokenBucket | None = None
     _grown_at: float = field(default_factory=time.monotonic)
     _answered: list[tuple[float, int]] = field(default_factory=list)  # (when, writes) lately
+    #: Paced writes sent in each tenth of a second of the last second: (tenth, count).
+    _sent: list[tuple[int, int]] = field(default_factory=list)
     #: When each write parked for its turn is back (a heap): how many wait.
     _parked: list[float] = field(default_factory=list)
 
@@ -134,6 +139,19 @@ class Pace:
         self.current = max(floor, self.current * DECREASE)
         self._grown_at = self._decreased_at = now
 
+    def sent_lately(self, now: float) -> int:
+        """Paced writes sent in the last second (to the tenth)."""
+        tenth = int(now * 10)
+        self._sent = [(t, n) for t, n in self._sent if tenth - t < 10]
+        return sum(n for _, n in self._sent)
+
+    def send(self, writes: int, now: float) -> None:
+        tenth = int(now * 10)
+        if self._sent and self._sent[-1][0] == tenth:
+            self._sent[-1] = (tenth, self._sent[-1][1] + writes)
+        else:
+            self._sent.append((tenth, writes))
+
     def answered(self, writes: int, now: float) -> None:
         self._answered.append((now, writes))
         while self._answered and now - self._answered[0][0] > 1.0:
@@ -185,21 +203,30 @@ def admit(
     identifier = definition.identifier
     go: list[Item] = []
     wait: list[tuple[Item, float, bool]] = []
+    room = None if rate is None else max(1, math.ceil(rate)) - pace.sent_lately(now)
     for item in members:
-        back = item.headers.get(names.PACED) == identifier  # from waiting its booked turn
-        if back or rate is None or ordered(item):
+        if rate is None or ordered(item):
             go.append(item)
+            continue
+        assert room is not None
+        if item.headers.get(names.PACED) == identifier:  # back from waiting its booked turn
+            delay, booked = 0.0, True
         else:
             delay, booked = _book(pace, rate, now)
-            if delay <= NOW_SLACK_S:
-                go.append(item)
-            else:
-                wait.append((item, delay, booked))
+        if delay > NOW_SLACK_S:
+            wait.append((item, delay, booked))
+        elif room <= 0:  # a bunch of turns at once: it asks again shortly
+            wait.append((item, OVER_WAIT_S, False))
+        else:
+            go.append(item)
+            room -= 1
     if pace.max_in_flight is not None:
         go, over = _in_flight(pace, go, mine)
         wait += [(item, IN_FLIGHT_WAIT_S, False) for item in over]
     for _, seconds, _ in wait:
         pace.parked(seconds)
+    if rate is not None:
+        pace.send(sum(not ordered(item) for item in go), now)
     _publish(pace, rate)
     return go, wait
 

@@ -108,3 +108,12 @@ def test_max_in_flight_is_shared_too() -> None:
     assert pace.admit("ns", hook, items(2))[0] == []
     pace.ended(("ns", "hook"), len(go), [], sent=0.0)
     assert len(pace.admit("ns", hook, items(2))[0]) == 2
+
+
+def test_writes_back_from_their_turns_in_a_bunch_never_pass_the_pace_over_a_second() -> None:
+    hook = target(maxPerSecond=20)  # 10 a second here
+    bunch = items(25, **{names.PACED: "hook"})  # a delay tier released them together
+    go, wait = pace.admit("ns", hook, bunch)
+    assert len(go) == 10
+    assert [(s, b) for _, s, b in wait] == [(pace.OVER_WAIT_S, False)] * 15
+    assert pace.admit("ns", hook, items(1, **{names.PACED: "hook"}))[0] == []
