@@ -35,6 +35,10 @@ stack-down: venv
 stack-status: venv
 	$(STACK) status
 
+# The local fleet's admin key (unless WAL_ADMIN_API_KEY is set): `wal namespaces apply`,
+# `wal backfill` and `wal dlq replay` present it, and the worker takes it as its admin key.
+run: export WAL_ADMIN_API_KEY ?= local-admin-key
+run: export WAL_ADMIN_API_KEYS ?= $(WAL_ADMIN_API_KEY)
 run: stack-up
 	@if test -f $(NAMESPACES); then $(VENV)/bin/wal namespaces apply -f $(NAMESPACES); fi
 	@echo "dashboard: http://127.0.0.1:6066/wal/dashboard  namespaces: http://127.0.0.1:6066/wal/namespaces"

@@ -30,6 +30,10 @@ CONTEXT = (
     "count",
     "topic",
     "partition",
+    "actor",
+    "action",
+    "outcome",
+    "details",
 )
 
 
@@ -48,12 +52,12 @@ class JsonFormatter(logging.Formatter):
         for name in CONTEXT:
             value = record.__dict__.get(name)
             if value is not None:
-                line[name] = value if isinstance(value, (int, float, bool)) else str(value)
+                line[name] = value if isinstance(value, (int, float, bool, dict)) else str(value)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
             line["exception"] = record.exc_text
-        return orjson.dumps(line).decode()
+        return orjson.dumps(line, default=str).decode()
 
 
 class Repeats(logging.Filter):

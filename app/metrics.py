@@ -81,6 +81,11 @@ TARGET_WAITING = Gauge(
     "Writes this worker parked to wait their turn at a paced target, not back yet.",
     ["namespace", "target"],
 )
+ADMIN_ACTIONS = Counter(
+    "wal_admin_actions",
+    "Admin actions (app.audit) by action and outcome (ok, refused, failed).",
+    ["action", "outcome"],
+)
 CONSUMER_LAG = Gauge(
     "wal_consumer_lag",
     "Records not yet processed, per assigned partition.",

@@ -166,6 +166,20 @@ class Settings(BaseSettings):
     """WAL_LOG_FORMAT: worker log lines, ``json`` (one object per line: time, level, logger,
     message, and message id / namespace / request id when known) or ``text``."""
 
+    # -- admin access ---------------------------------------------------------------
+    admin_api_keys: SecretStr = SecretStr("")
+    """WAL_ADMIN_API_KEYS: the keys that may change the fleet's behaviour (``wal backfill``,
+    ``wal namespaces apply|delete``, ``wal dlq replay``, ``/wal/admin/*``), comma-separated:
+    ``sha256:<hex>`` digests (``wal namespaces hash-key``), or plain keys, hashed when read.
+    Empty: no admin operation is allowed. Never logged or shown."""
+
+    admin_api_key: SecretStr = SecretStr("")
+    """WAL_ADMIN_API_KEY: the admin key a ``wal`` command presents (to a worker over HTTP,
+    or checked against ``WAL_ADMIN_API_KEYS`` by commands that write to Kafka directly)."""
+
+    admin_url: str = ""
+    """WAL_ADMIN_URL: the worker ``wal backfill`` asks; default ``http://<web host>:<port>``."""
+
     # -- Kafka security -------------------------------------------------------------
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     """WAL_SECURITY_PROTOCOL: Kafka security protocol."""
@@ -239,6 +253,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'wal.db').as_posix()}"
+
+    @cached_property
+    def worker_url(self) -> str:
+        """Where ``wal`` commands reach a worker's web server (:attr:`admin_url`)."""
+        return (self.admin_url or f"http://{self.web_host}:{self.web_port}").rstrip("/")
 
     def topic(self, name: str) -> str:
         """Full name of one of the fleet's topics: ``topic("ingest")`` is ``wal-ingest``."""

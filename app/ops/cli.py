@@ -19,6 +19,7 @@ import orjson
 import yaml
 from pydantic import ValidationError
 
+from app.audit import audit
 from app.settings import Settings
 
 
@@ -99,11 +100,16 @@ def namespaces_apply(path: Path, dry_run: bool) -> None:
         parsed = [client.validate(doc) for doc in docs]
     except ValidationError as exc:
         raise click.ClickException(f"{path}: invalid namespace config:\n{exc}") from None
-    changes = asyncio.run(client.apply(Settings(), parsed, dry_run=dry_run))
+    s = Settings()
+    caller = None if dry_run else client.admin_caller(s, "namespaces.apply")
+    changes = asyncio.run(client.apply(s, parsed, dry_run=dry_run))
     for name, change in changes:
         click.echo(f"{change:>9}  {name}")
     if dry_run:
         click.echo("(dry run: nothing written)")
+    elif caller is not None:
+        changed = [f"{name}:{change}" for name, change in changes if change != "unchanged"]
+        audit(caller, "namespaces.apply", namespaces=",".join(changed) or "(none)")
 
 
 @namespaces.command("list")
@@ -132,7 +138,11 @@ def namespaces_delete(names: tuple[str, ...]) -> None:
     """Delete namespaces (a tombstone on the namespaces topic)."""
     from app.ops import client
 
-    asyncio.run(client.delete(Settings(), [n.strip().lower() for n in names]))
+    s = Settings()
+    caller = client.admin_caller(s, "namespaces.delete")
+    deleted = [n.strip().lower() for n in names]
+    asyncio.run(client.delete(s, deleted))
+    audit(caller, "namespaces.delete", namespaces=",".join(deleted))
     for name in names:
         click.echo(f"  deleted  {name}")
 

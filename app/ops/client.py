@@ -7,18 +7,50 @@ the workers.
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
 from collections.abc import Iterable
 from typing import IO, Any
 
+import click
 import orjson
 from tqdm import tqdm
 
+from app import audit
 from app.engine.admin import ensure_topics
 from app.engine.clients import plain_producer
 from app.engine.reading import read_topic
+from app.errors import Rejected
+from app.logs import JsonFormatter
 from app.models import Namespace
 from app.names import encode_headers, topic_names
 from app.settings import Settings
+from app.web import access
+
+
+def admin_caller(s: Settings, action: str) -> access.Caller:
+    """The admin running a command that changes the fleet by writing to Kafka directly
+    (``namespaces apply|delete``, ``dlq replay``): ``WAL_ADMIN_API_KEY`` must be one of
+    ``WAL_ADMIN_API_KEYS``. Audit lines of the command go to stderr, as JSON.
+
+    Such a command holds Kafka credentials, which are the hard boundary (Kafka ACLs on
+    the fleet's topics); this check makes the operator name an admin key, so that every
+    change is audited with who made it, and keeps a namespace owner's environment (a
+    namespace key, no admin key) from changing the fleet by mistake."""
+    if not audit.log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        audit.log.addHandler(handler)
+        audit.log.setLevel(logging.INFO)
+        audit.log.propagate = False
+    digests = access.admin_digests(s.admin_api_keys.get_secret_value())
+    try:
+        return audit.require_admin(action, s.admin_api_key.get_secret_value() or None, digests)
+    except Rejected as refused:
+        raise click.ClickException(
+            f"{action} needs an admin key: {refused.message}; set WAL_ADMIN_API_KEY to a key "
+            "whose digest is in WAL_ADMIN_API_KEYS"
+        ) from None
 
 
 def validate(doc: dict[str, Any]) -> Namespace:

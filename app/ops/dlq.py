@@ -31,10 +31,11 @@ import orjson
 from tqdm import tqdm
 
 from app import names
+from app.audit import audit
 from app.engine.clients import Consumer, KafkaError, Producer, TopicPartition, plain_consumer
 from app.engine.reading import partitions_of, read_to_end
 from app.errors import CODES
-from app.ops.client import producer
+from app.ops.client import admin_caller, producer
 from app.ops.letters import Filter, Letter, RawHeaders, Scope, parse_when, render
 from app.rates import TokenBucket
 from app.settings import Settings
@@ -203,7 +204,7 @@ async def _settle(pending: list[tuple[Letter, asyncio.Future[Any]]], outcome: Re
 # -- command line --------------------------------------------------------------------
 
 
-class _When(click.ParamType):
+class When(click.ParamType):
     name = "TIME"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
@@ -236,10 +237,10 @@ _SCOPE_OPTIONS = (
     click.option("--target", help="Only this target identifier (wal-target)."),
     click.option(
         "--since",
-        type=_When(),
+        type=When(),
         help="Failed at or after: ISO-8601 (UTC unless zoned) or ago (15m, 2h, 3d).",
     ),
-    click.option("--until", type=_When(), help="Failed before this: like --since."),
+    click.option("--until", type=When(), help="Failed before this: like --since."),
     click.option("--message-id", help="Only this message id (wal-message-id)."),
     click.option("--limit", type=click.IntRange(min=1), help="At most N dead letters."),
     click.option("--topic", help="The DLQ topic (default: <prefix>-dlq), or a namespace's own."),
@@ -347,7 +348,18 @@ def replay_(
         return
     if scope.filter.empty and scope.limit is None and not yes:
         _confirm(f"replay every dead letter on {scope.topic} to {to}?")
+    caller = admin_caller(s, "dlq.replay")
     done = asyncio.run(replay(s, scope, to, rate=rate, progress=progress))
+    audit(
+        caller,
+        "dlq.replay",
+        "ok" if not done.failed else "failed",
+        topic=scope.topic,
+        to=to,
+        replayed=done.replayed,
+        failed=len(done.failed),
+        **scope.filter.described(),
+    )
     for origin, error in done.failed[:20]:
         click.echo(f"failed: {origin}: {error}", err=True)
     click.echo(f"replayed {done.replayed} dead letters from {scope.topic} to {to}")

@@ -130,6 +130,18 @@ class Filter:
     def empty(self) -> bool:
         return self == Filter()
 
+    def described(self) -> dict[str, str]:
+        """The fields that are set, as text (an audit line's details)."""
+        out = {
+            "namespace": self.namespace,
+            "codes": ",".join(sorted(self.codes)) or None,
+            "target": self.target,
+            "since_ms": self.since_ms,
+            "until_ms": self.until_ms,
+            "message_id": self.message_id,
+        }
+        return {k: str(v) for k, v in out.items() if v is not None}
+
     def matches(self, letter: Letter) -> bool:
         """Namespace, target and message id exactly; any of ``codes``; since <= time < until."""
 

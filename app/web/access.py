@@ -1,9 +1,14 @@
-"""Access control for the HTTP ingest: API keys, client addresses, rate limits.
+"""Access control: API keys, client addresses, rate limits, and admin keys.
 
 API keys are never stored: a namespace lists ``sha256:<hex>`` digests of the
 keys it accepts (``wal namespaces hash-key``), and a presented key is hashed
 and compared in constant time. Rate limits are token buckets per namespace,
 per worker process: a fleet of N workers admits up to N times the limit.
+
+Admin keys (``WAL_ADMIN_API_KEYS``) are kept the same way, and :func:`admin` is
+the one check that a caller (an HTTP request or a ``wal`` command) is an admin:
+it answers a :class:`Caller`, named by the key's :func:`fingerprint` only, for
+the audit line (:mod:`app.audit`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import ipaddress
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import lru_cache
 
 from app.errors import Rejected
 from app.models import Namespace
@@ -30,6 +37,68 @@ def key_matches(digest: str, allowed: Iterable[str]) -> bool:
     for candidate in allowed:
         found |= hmac.compare_digest(candidate, digest)
     return found
+
+
+def fingerprint(digest: str) -> str:
+    """A key's name in logs and audit lines: the first 8 hex digits of its digest. It
+    tells keys apart and says nothing usable about the key."""
+    return digest.removeprefix("sha256:")[:8]
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks: ``admin`` with a key's fingerprint (never the key)."""
+
+    role: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.role}:{self.key}"
+
+
+@lru_cache(maxsize=8)
+def admin_digests(configured: str) -> frozenset[str]:
+    """``WAL_ADMIN_API_KEYS`` (comma-separated digests or plain keys) as digests."""
+    out = set()
+    for entry in configured.split(","):
+        entry = entry.strip()
+        if entry:
+            out.add(entry.lower() if _is_digest(entry) else hash_key(entry))
+    return frozenset(out)
+
+
+def _is_digest(entry: str) -> bool:
+    hexpart = entry.removeprefix("sha256:")
+    return entry.startswith("sha256:") and len(hexpart) == 64 and _is_hex(hexpart)
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        int(text, 16)
+    except ValueError:
+        return False
+    return True
+
+
+def admin(key: str | None, digests: frozenset[str]) -> Caller:
+    """The admin ``key`` belongs to; :class:`Rejected` (401 without a key, 403 with a key
+    that is not an admin's, or when no admin key is configured) otherwise."""
+    if not digests:
+        raise Rejected(
+            "admin operations are disabled: no admin key is configured (WAL_ADMIN_API_KEYS)",
+            code="FORBIDDEN",
+            http_status=403,
+        )
+    if not key:
+        raise Rejected(
+            "an admin API key is required (X-API-Key or Authorization: Bearer)",
+            code="UNAUTHORIZED",
+            http_status=401,
+        )
+    digest = hash_key(key)
+    if not key_matches(digest, digests):
+        raise Rejected("this API key is not an admin key", code="FORBIDDEN", http_status=403)
+    return Caller("admin", fingerprint(digest))
 
 
 def presented_key(headers: dict[str, str]) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import random
 import signal
@@ -38,6 +39,10 @@ PG_URL = "postgresql+psycopg://wal:wal@127.0.0.1:5432/wal"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 ROOT = Path(__file__).resolve().parents[2]
 WAL = str(Path(sys.executable).with_name("wal"))
+#: The admin key of every test fleet (its workers know its digest; its ``wal`` commands
+#: present it): ``namespaces apply``, ``dlq replay`` and ``backfill`` need one.
+ADMIN_KEY = "test-admin-key"
+ADMIN_DIGEST = "sha256:" + hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
 
 
 def free_port() -> int:
@@ -160,6 +165,8 @@ class Fleet:
                 "WAL_REDIS_URL": REDIS_URL,
                 "WAL_COMMIT_INTERVAL_S": "0.5",
                 "WAL_LOG_LEVEL": "info",
+                "WAL_ADMIN_API_KEYS": ADMIN_DIGEST,
+                "WAL_ADMIN_API_KEY": ADMIN_KEY,
             }
         )
         env.update(self.extra_env)

@@ -164,6 +164,8 @@ def test_the_secret_holds_only_placeholders() -> None:
     wal_keys = {k for k in secret["stringData"] if k.startswith("WAL_")}
     assert wal_keys <= settings_env_names()
     assert {"WAL_DATABASE_URL", "WAL_REDIS_URL", "WAL_SASL_PASSWORD"} <= wal_keys
+    # the admin keys' digests, and the key the namespaces-apply Job presents
+    assert {"WAL_ADMIN_API_KEYS", "WAL_ADMIN_API_KEY"} <= wal_keys
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,13 @@ from app.errors import Rejected
 from app.models import Namespace
 from app.rates import TokenBucket
 from app.web.access import (
+    Caller,
     RateLimiter,
     address_allowed,
+    admin,
+    admin_digests,
     authorize,
+    fingerprint,
     hash_key,
     presented_key,
 )
@@ -101,3 +105,44 @@ def test_rate_limits_answer_429_with_a_wait() -> None:
 def test_stored_keys_must_be_hashes() -> None:
     with pytest.raises(ValueError, match="sha256"):
         ns(allowedApiKeys=["plain-text-key"])
+
+
+# -- admin keys ---------------------------------------------------------------------------
+
+
+def test_admin_keys_are_kept_as_digests_whether_given_hashed_or_plain() -> None:
+    hashed = hash_key("ops-one")
+    digests = admin_digests(f" {hashed.upper().replace('SHA256:', 'sha256:')} , ops-two,, ")
+    assert digests == {hashed, hash_key("ops-two")}
+    assert all(d.startswith("sha256:") and "ops" not in d for d in digests)
+    assert admin_digests("") == frozenset()
+
+
+def test_a_malformed_digest_is_taken_as_a_plain_key_not_trusted_as_a_digest() -> None:
+    assert admin_digests("sha256:abc") == {hash_key("sha256:abc")}
+
+
+def test_admin_answers_the_caller_by_fingerprint_only() -> None:
+    digests = admin_digests(hash_key("s3cret-admin"))
+    caller = admin("s3cret-admin", digests)
+    assert caller == Caller("admin", hash_key("s3cret-admin")[7:15])
+    assert str(caller) == f"admin:{fingerprint(hash_key('s3cret-admin'))}"
+    assert "s3cret" not in str(caller) and len(caller.key) == 8
+
+
+@pytest.mark.parametrize(
+    ("key", "configured", "status", "code"),
+    [
+        (None, "admin-key", 401, "UNAUTHORIZED"),
+        ("", "admin-key", 401, "UNAUTHORIZED"),
+        ("a-namespace-key", "admin-key", 403, "FORBIDDEN"),
+        ("admin-key", "", 403, "FORBIDDEN"),  # no admin key configured: nobody is admin
+    ],
+)
+def test_admin_refuses_no_key_a_wrong_key_and_everyone_when_none_is_configured(
+    key: str | None, configured: str, status: int, code: str
+) -> None:
+    with pytest.raises(Rejected) as refused:
+        admin(key, admin_digests(configured))
+    assert (refused.value.http_status, refused.value.code) == (status, code)
+    assert "admin-key" not in refused.value.message
