@@ -112,7 +112,7 @@ install_monitor(fleet)
 
 #: What a worker runs: every module of these packages, and the views.
 ROLE_PACKAGES = ("agents", "tables")
-VIEWS = ("app.web.views", "app.web.fleet_views")
+VIEWS = ("app.web.views", "app.web.fleet_views", "app.web.admin")
 
 
 def discover() -> list[str]:

@@ -225,11 +225,13 @@ def produce(source: IO[bytes], topic: str | None, key_field: str | None, progres
 
 
 def _mount_optional_groups() -> None:
+    from app.ops.backfill import backfill
     from app.ops.dlq import dlq
     from app.ops.stack import stack
 
     main.add_command(stack)
     main.add_command(dlq)
+    main.add_command(backfill)
 
 
 _mount_optional_groups()

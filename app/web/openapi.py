@@ -93,6 +93,50 @@ _MESSAGE_STATUS = {
 }
 
 
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+_BACKFILL = {
+    "summary": "Deliver a namespace's writes that wal-deliver holds again, to one target "
+    "(admin key; progress as JSON lines, then a summary)",
+    "security": [{"apiKey": []}, {"bearer": []}],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["namespace", "target"],
+                    "properties": {
+                        "namespace": {"type": "string"},
+                        "target": {"type": "string"},
+                        "since": {"type": ["integer", "null"], "description": "epoch ms"},
+                        "until": {"type": ["integer", "null"], "description": "epoch ms"},
+                        "dryRun": {"type": "boolean"},
+                        "rate": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                    },
+                }
+            }
+        },
+    },
+    "responses": {
+        "200": {
+            "description": "One JSON object a line: start, progress..., then done or error; "
+            "each with total, read, matched, reEmitted, skipped, skippedBy, dryRun",
+            "content": {"application/x-ndjson": {}},
+        },
+        "400": _error("Invalid body (INVALID_JSON, VALIDATION_ERROR, a disabled target)"),
+        "401": _error("No API key (UNAUTHORIZED)"),
+        "403": _error("Not an admin key, or no admin key configured (FORBIDDEN)"),
+        "404": _error("Unknown namespace or target (NAMESPACE_NOT_FOUND, TARGET_NOT_FOUND)"),
+    },
+}
+
+
 def _get(
     summary: str,
     param: str | None = None,
@@ -111,13 +155,6 @@ def _get(
             {"name": param, "in": "path", "required": True, "schema": {"type": "string"}}
         ]
     return {"get": operation}
-
-
-def _error(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
 
 
 @cache
@@ -175,6 +212,7 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/wal/admin/backfill": {"post": _BACKFILL},
             "/wal/namespaces": {
                 "get": {"summary": "List namespaces", "responses": {"200": {"description": "OK"}}}
             },

@@ -320,22 +320,29 @@ async def messages_total(url: str, outcome: str) -> float:
     )
 
 
-async def totals(worker: Worker, namespace: str, **want: int) -> dict[str, int]:
-    """The namespace's totals from the metrics view, once they hold ``want`` (stats trail
-    the stream by a batch or two); an assertion naming both when they never do."""
-    last: dict[str, int] = {}
+async def metrics_view(worker: Worker, namespace: str, **want: int) -> dict[str, Any]:
+    """The namespace's metrics view, once its totals hold ``want`` (stats trail the stream
+    by a batch or two); an assertion naming both when they never do."""
+    last: dict[str, Any] = {}
 
-    async def check() -> dict[str, int] | None:
+    async def check() -> dict[str, Any] | None:
         async with httpx.AsyncClient(timeout=5.0) as client:
             r = await client.get(f"{worker.url}/wal/namespaces/{namespace}/metrics")
         last.clear()
-        last.update(r.json()["totals"] if r.status_code == 200 else {})
-        return dict(last) if all(last.get(k) == v for k, v in want.items()) else None
+        last.update(r.json() if r.status_code == 200 else {"status": r.status_code})
+        got = last.get("totals") or {}
+        return dict(last) if all(got.get(k) == v for k, v in want.items()) else None
 
     try:
-        found: dict[str, int] = await eventually(check, timeout=60, what=f"{namespace}'s totals")
+        found: dict[str, Any] = await eventually(check, timeout=60, what=f"{namespace}'s totals")
     except AssertionError:
-        raise AssertionError(f"{namespace}'s totals: want {want}, have {last}") from None
+        raise AssertionError(f"{namespace} from {worker.url}: want {want}, view {last}") from None
+    return found
+
+
+async def totals(worker: Worker, namespace: str, **want: int) -> dict[str, int]:
+    """The namespace's totals from the metrics view, once they hold ``want``."""
+    found: dict[str, int] = (await metrics_view(worker, namespace, **want))["totals"]
     return found
 
 

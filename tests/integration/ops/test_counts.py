@@ -12,24 +12,22 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.integration.harness import (
     Fleet,
-    Worker,
     committed_count,
     eventually,
     group_lag,
     insert_only,
+    metrics_view,
     pg_count,
     pg_query,
     produce,
     request,
 )
 from tests.integration.ops.test_dashboard import chromium, visible_text
-from tests.integration.ops.test_views import get
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -89,7 +87,7 @@ async def test_figures_match_the_traffic_through_a_sigkill_and_client_duplicates
     views = {}
     for worker in workers:  # each answers for every namespace (one routes to the other)
         for name in want:
-            views[(worker.url, name)] = await _totals(worker, name, want[name])
+            views[(worker.url, name)] = await metrics_view(worker, name, **want[name])
     orders = views[(workers[0].url, "orders")]
     assert orders["totals"]["retried"] == orders["totals"]["dead_lettered"] == 0
     # the kill made the next workers read records again: counted apart, never as new
@@ -114,23 +112,6 @@ async def test_figures_match_the_traffic_through_a_sigkill_and_client_duplicates
         f"killed at {applied} rows ({uncommitted} applied, not committed); "
         f"orders totals {o}; other totals {other['totals']}"
     )
-
-
-async def _totals(worker: Worker, name: str, want: dict[str, int]) -> dict[str, Any]:
-    """The namespace's metrics view once its totals are ``want`` (polled: stats trail)."""
-    last: dict[str, Any] = {}
-
-    async def check() -> dict[str, Any] | None:
-        r = await get(f"{worker.url}/wal/namespaces/{name}/metrics")
-        last.update(r.json() if r.status_code == 200 else {"status": r.status_code})
-        totals = last.get("totals") or {}
-        return last if all(totals.get(k) == v for k, v in want.items()) else None
-
-    try:
-        found: dict[str, Any] = await eventually(check, timeout=60, what=f"{name}'s totals")
-    except AssertionError:
-        raise AssertionError(f"{name} from {worker.url}: want {want}, view {last}") from None
-    return found
 
 
 async def _at_least(table: str, n: int) -> bool:
