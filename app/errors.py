@@ -32,7 +32,8 @@ CODES: dict[str, str] = {
     "passed before it could be delivered.",
     # -- HTTP only ----------------------------------------------------------------------
     "UNAUTHORIZED": "No API key was given, or the key is not known to any namespace.",
-    "FORBIDDEN": "The API key or the client address is not allowed for this namespace.",
+    "FORBIDDEN": "The API key or the client address is not allowed for this namespace, or "
+    "the operation needs an admin key (WAL_ADMIN_API_KEYS) and this key is not one.",
     "RATE_LIMIT_EXCEEDED": "The namespace's rate limit is exhausted; retry after Retry-After.",
     "PAYLOAD_TOO_LARGE": "The HTTP body is larger than the largest request any namespace takes.",
     "RECORD_REJECTED": "Kafka refused a record the fleet produced for good (invalid, not "
