@@ -1,6 +1,7 @@
 """``wal backfill`` against a real fleet: a Redis target added to a live namespace is
-filled from what ``wal-deliver`` holds, while new writes keep flowing; a second run
-changes nothing; the SQL target never sees a write twice.
+filled from what ``wal-deliver`` holds, while new writes keep flowing (to both targets,
+before, during and after the backfill); a second run changes nothing; the SQL target
+never sees a write twice.
 
 The SQL target inserts into a table without a unique key, so only its ledger keeps a
 write from landing twice; and its delivered count (the metrics view) says whether it
@@ -14,13 +15,16 @@ import re
 import subprocess
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
 
 from tests.integration.harness import (
+    BOOTSTRAP,
     REDIS_URL,
     ROOT,
     WAL,
@@ -38,8 +42,8 @@ from tests.integration.harness import (
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.redis]
 
 OLD = 10_000  # writes before the Redis target exists
-LIVE = 300  # writes while the first backfill runs
-LIVE_RATE = 100  # of those, per second
+LIVE_RATE = 100  # new writes a second, from before the first backfill to its end
+DURING = 100  # of them at least, sent while it runs (after the end it reads to)
 RATE = 4_000  # the first backfill's --rate: ~2.5 s, while the live writes go on
 
 
@@ -67,24 +71,31 @@ async def test_a_new_redis_target_is_filled_from_the_log_while_writes_flow(
         "type": "redis",
         "config": {"keyPrefix": prefix, "keyPath": "seq", "valuePath": "body"},
     }
+    added = datetime.now(UTC).isoformat()  # every old write was admitted before this
     fleet.apply({**sql, "targets": [*sql["targets"], cache]})
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
         await _wait_for_target(fleet, worker.url, name)
-        live = asyncio.ensure_future(_live_writes(fleet, name))
+        running = asyncio.Event()
+        live = asyncio.ensure_future(_live_writes(fleet, name, running))
+        await running.wait()
         started = time.monotonic()
         first = await asyncio.to_thread(_backfill, fleet, name, "--rate", str(RATE))
         took = time.monotonic() - started
-        await live
+        running.clear()
+        sent = await live
         assert first.returncode == 0, first.stderr.decode() + first.stdout.decode()
         summary = _summary(first.stdout.decode())
         assert summary["re-emitted"] >= OLD and summary["skipped"] == 0, summary
+        # the backfill read up to the end wal-deliver had when it began: writes past it
+        # were sent while it ran
+        assert sent - (summary["read"] - OLD) >= DURING, (sent, summary)
         assert summary["matched"] == summary["re-emitted"], summary
         assert took >= summary["re-emitted"] / RATE, f"--rate {RATE} not kept: {took:.1f} s"
         bar = re.findall(r"(\d+)/(\d+) \[", first.stderr.decode())
         assert bar and bar[-1][0] == bar[-1][1] == str(summary["read"]), bar[-3:]
 
-        want = OLD + LIVE
+        want = OLD + sent
         await eventually(lambda: _rows(table, want), timeout=180, what=f"{want} rows")
         await eventually(
             lambda: _at(client, f"{prefix}*", want), timeout=180, what=f"{want} Redis keys"
@@ -103,18 +114,26 @@ async def test_a_new_redis_target_is_filled_from_the_log_while_writes_flow(
         assert await redis_keys(client, f"{prefix}*") == want
         assert await redis_keys(client, f"wal:applied:{name}:cache:*") == want
 
+        # --since/--until choose by admission time; a dry run counts and emits nothing
+        after = await asyncio.to_thread(_backfill, fleet, name, "--dry-run", "--since", added)
+        before = await asyncio.to_thread(_backfill, fleet, name, "--dry-run", "--until", added)
+        assert after.returncode == before.returncode == 0, after.stderr + before.stderr
+        assert _summary(after.stdout.decode())["would re-emit"] == sent
+        assert _summary(before.stdout.decode())["would re-emit"] == OLD
+        assert "(dry run: nothing emitted)" in after.stdout.decode()
+
         rows, distinct = pg_query(f'SELECT count(*), count(DISTINCT seq) FROM "{table}"')[0]
         assert (rows, distinct) == (want, want)
         assert pg_count(f"{table}_ledger") == want
         # the SQL target was never asked again: each of its writes delivered once; the
         # cache was asked for each live write and each re-emitted one (the ledger said
         # "done" to those it had)
-        cache_asked = LIVE + summary["re-emitted"] + again["re-emitted"]
+        cache_asked = sent + summary["re-emitted"] + again["re-emitted"]
         view = await metrics_view(worker, name, delivered=want + cache_asked)
         assert view["targets"]["pg"]["delivered"] == want
         assert view["targets"]["cache"]["delivered"] == cache_asked
         assert view["totals"]["dead_lettered"] == view["totals"]["retried"] == 0
-        print(f"first run: {summary}; second run: {again}")
+        print(f"first run ({took:.1f} s, {sent} new writes meanwhile): {summary}; second: {again}")
     finally:
         await client.aclose()
 
@@ -128,13 +147,25 @@ async def _wait_for_target(fleet: Fleet, url: str, name: str) -> None:
     await eventually(check, timeout=30, what="the worker sees the new target")
 
 
-async def _live_writes(fleet: Fleet, name: str) -> None:
-    """``LIVE`` writes at ``LIVE_RATE`` a second, while the backfill runs."""
-    step = 10
-    for first in range(OLD, OLD + LIVE, step):
-        started = time.monotonic()
-        await produce(fleet.topic("ingest"), writes(name, first, step))
-        await asyncio.sleep(max(0.0, step / LIVE_RATE - (time.monotonic() - started)))
+async def _live_writes(fleet: Fleet, name: str, running: asyncio.Event) -> int:
+    """New writes at ``LIVE_RATE`` a second until ``running`` is cleared; how many."""
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=5)
+    await producer.start()
+    sent, step = OLD, 10
+    try:
+        running.set()
+        while running.is_set() and sent < OLD + 60 * LIVE_RATE:
+            started = time.monotonic()
+            batch = [
+                await producer.send(fleet.topic("ingest"), value)
+                for value in writes(name, sent, step)
+            ]
+            await asyncio.gather(*batch)
+            sent += step
+            await asyncio.sleep(max(0.0, step / LIVE_RATE - (time.monotonic() - started)))
+    finally:
+        await producer.stop()
+    return sent - OLD
 
 
 def _backfill(fleet: Fleet, name: str, *args: str) -> subprocess.CompletedProcess[bytes]:
