@@ -47,9 +47,10 @@ def admin_caller(s: Settings, action: str) -> access.Caller:
     try:
         return audit.require_admin(action, s.admin_api_key.get_secret_value() or None, digests)
     except Rejected as refused:
+        why = "WAL_ADMIN_API_KEY is not set" if refused.code == "UNAUTHORIZED" else refused.message
         raise click.ClickException(
-            f"{action} needs an admin key: {refused.message}; set WAL_ADMIN_API_KEY to a key "
-            "whose digest is in WAL_ADMIN_API_KEYS"
+            f"{action} needs an admin key: {why}; set WAL_ADMIN_API_KEY to a key whose "
+            "digest is in WAL_ADMIN_API_KEYS"
         ) from None
 
 
