@@ -312,6 +312,16 @@ class TargetLimits(Wire):
     max_in_flight: int | None = Field(default=None, ge=1, le=100_000)
 
 
+class Pause(Wire):
+    """A pause of a namespace's deliveries, or of one target's (``wal namespaces pause``):
+    writes are accepted and wait in Kafka until it is lifted (``agents/deliver``)."""
+
+    reason: str = Field(default="", max_length=500)
+    #: When it began (epoch ms), and who began it (an admin key's fingerprint).
+    since_ms: int = Field(ge=0)
+    by: str = Field(default="", max_length=100)
+
+
 class TargetDef(Wire):
     """A named target of a namespace: its kind and its configuration.
 
@@ -328,6 +338,7 @@ class TargetDef(Wire):
     weight: int = Field(default=100, ge=0, le=100)
     enabled: bool = True
     tags: list[str] = []
+    paused: Pause | None = None
 
 
 def _hashed_key(value: str) -> str:
@@ -377,6 +388,8 @@ class Namespace(Wire):
     #: every step (``all``), only messages that met a failure, from it on
     #: (``failures``), or nothing (``none``). Less tracking, less work a message.
     status_tracking: Literal["all", "failures", "none"] = "all"
+    #: Deliveries of every target paused (``wal namespaces pause``); see :class:`Pause`.
+    paused: Pause | None = None
 
     @field_validator("targets")
     @classmethod

@@ -75,6 +75,7 @@ from agents.deliver.outcomes import (
     current,
     dead_letter_of,
     follow_ups_of,
+    hold,
     park,
     stats_deltas,
 )
@@ -85,6 +86,7 @@ from app.engine.lanes import Batch, each_batch
 from app.fleet import fleet, settings
 from app.models import Namespace, TargetDef, TargetRef, WriteRequest
 from app.names import Record
+from app.pausing import pause_of
 from app.topics import deliver_topic
 from tables import ordering
 from tables.namespaces import all_names, lookup
@@ -220,6 +222,20 @@ async def _finish(batch: Batch, follow_ups: list[Record]) -> None:
     )
 
 
+def _held(
+    write: tuple[Item, str],
+    states: dict[bytes, dict[str, ordering.KeyState]],
+    follow_ups: list[Record],
+) -> bool:
+    """Hold a write back while its namespace or target is paused; say whether it was."""
+    item, identifier = write
+    assert item.namespace is not None
+    if pause_of(item.namespace, item.namespace.target(identifier)) is None:
+        return False
+    follow_ups.append(hold(item, identifier, states))
+    return True
+
+
 def _item(message: Any) -> Item:
     """One ``wal-deliver`` record (aiokafka's ``ConsumerRecord``) as an item."""
     return Item(
@@ -339,6 +355,7 @@ async def _deliver_all(items: list[Item]) -> tuple[list[Record], list[Call]]:
     while pending:
         going, pending = wave(pending)
         going = [w for w in going if not parked(w, states, follow_ups)]
+        going = [w for w in going if not _held(w, states, follow_ups)]
         groups: dict[tuple[str, str], list[Item]] = defaultdict(list)
         for item, identifier in going:
             assert item.namespace is not None

@@ -238,6 +238,24 @@ def park(
     return record
 
 
+def hold(item: Item, identifier: str, states: dict[bytes, dict[str, ordering.KeyState]]) -> Record:
+    """Park a write its namespace or target is paused for (:mod:`app.pausing`): it asks
+    again every :data:`PAUSED_WAIT_MS`, its attempt count unchanged. An ``ordering: key``
+    write blocks its key first, as a retry does: its key's later writes wait behind it,
+    and after the resume they go in order."""
+    if not ordered(item):
+        return park(item, identifier, None, wait_ms=PAUSED_WAIT_MS)
+    per_target = states.setdefault(item.key or b"", ordering.load(item.key or b""))
+    state, seq = ordering.block(
+        per_target.get(identifier), item.writes[identifier].id, item.seqs.get(identifier)
+    )
+    per_target[identifier] = state
+    return park(item, identifier, seq, wait_ms=PAUSED_WAIT_MS)
+
+
+#: How often a write held by a pause asks again (a resume reaches it within this long).
+PAUSED_WAIT_MS = 5_000
+
 #: The code of a park for a target's pace: the write goes when it is back.
 PACED = "PACED"
 

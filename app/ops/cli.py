@@ -147,6 +147,45 @@ def namespaces_delete(names: tuple[str, ...]) -> None:
         click.echo(f"  deleted  {name}")
 
 
+@namespaces.command("pause")
+@click.argument("name")
+@click.option("--target", default=None, help="Pause this target only (default: every one).")
+@click.option("--reason", default="", help="Why (shown in the views and the dashboard).")
+def namespaces_pause(name: str, target: str | None, reason: str) -> None:
+    """Pause deliveries of namespace NAME (or of one target): writes are accepted and
+    wait in Kafka until `wal namespaces resume`."""
+    import time
+
+    from app.models import Pause
+    from app.ops import client
+
+    s = Settings()
+    caller = client.admin_caller(s, "namespaces.pause")
+    name = name.strip().lower()
+    pause = Pause(reason=reason, since_ms=int(time.time() * 1000), by=str(caller))
+    _, changed = asyncio.run(client.set_pause(s, name, target, pause))
+    audit(caller, "namespaces.pause", namespace=name, target=target, reason=reason or None)
+    what = f"{name}/{target}" if target else name
+    click.echo(f"   paused  {what}" if changed else f"  already paused  {what}")
+
+
+@namespaces.command("resume")
+@click.argument("name")
+@click.option("--target", default=None, help="Resume this target only.")
+def namespaces_resume(name: str, target: str | None) -> None:
+    """Resume deliveries of namespace NAME (or of one target) paused by `pause`: what
+    waited goes, an ``ordering: key`` namespace's in each key's order."""
+    from app.ops import client
+
+    s = Settings()
+    caller = client.admin_caller(s, "namespaces.resume")
+    name = name.strip().lower()
+    _, changed = asyncio.run(client.set_pause(s, name, target, None))
+    audit(caller, "namespaces.resume", namespace=name, target=target)
+    what = f"{name}/{target}" if target else name
+    click.echo(f"  resumed  {what}" if changed else f"  not paused  {what}")
+
+
 @namespaces.command("hash-key")
 @click.argument("api_key", required=False)
 def namespaces_hash_key(api_key: str | None) -> None:

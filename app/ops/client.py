@@ -16,13 +16,13 @@ import click
 import orjson
 from tqdm import tqdm
 
-from app import audit
+from app import audit, pausing
 from app.engine.admin import ensure_topics
 from app.engine.clients import plain_producer
 from app.engine.reading import read_topic
 from app.errors import Rejected
 from app.logs import JsonFormatter
-from app.models import Namespace
+from app.models import Namespace, Pause
 from app.names import encode_headers, topic_names
 from app.settings import Settings
 from app.web import access
@@ -82,8 +82,9 @@ async def apply(
     changes: list[tuple[str, str]] = []
     writes: list[tuple[str, bytes]] = []
     for ns in wanted:
-        value = ns.model_dump_json().encode()
         old = current.get(ns.name)
+        ns = pausing.kept(old, ns)  # re-applying a config does not lift a pause
+        value = ns.model_dump_json().encode()
         if old is None:
             changes.append((ns.name, "created"))
         elif old.model_dump_json().encode() == value:
@@ -95,6 +96,26 @@ async def apply(
     if writes and not dry_run:
         await _send(s, topic_names(s)["namespaces"], [(n.encode(), v) for n, v in writes])
     return changes
+
+
+async def set_pause(
+    s: Settings, name: str, target: str | None, pause: Pause | None
+) -> tuple[Namespace, bool]:
+    """Pause (or, ``pause`` None, resume) a namespace's deliveries or one target's: its
+    config as written, and whether that changed anything. :class:`click.ClickException`
+    for a namespace or target it does not know."""
+    found = (await read_all(s)).get(name)
+    if found is None:
+        raise click.ClickException(f"namespace '{name}' not found")
+    try:
+        ns, changed = pausing.paused(found, target, pause)
+    except Rejected as rejected:
+        raise click.ClickException(rejected.message) from None
+    if changed:
+        await _send(
+            s, topic_names(s)["namespaces"], [(name.encode(), ns.model_dump_json().encode())]
+        )
+    return ns, changed
 
 
 async def delete(s: Settings, names: Iterable[str]) -> None:

@@ -15,6 +15,7 @@ ledger has what was delivered).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, cast
 
 import orjson
@@ -22,11 +23,14 @@ from aiohttp import web
 from faust.web import Request, Response
 
 from app import backfill as backfill_run
+from app import pausing
 from app.audit import audit, require_admin
 from app.engine import producing
 from app.errors import Rejected
 from app.fleet import fleet, settings
+from app.models import Pause
 from app.names import Record
+from app.topics import NAMES
 from app.web import access
 from app.web.views import WalView, request_id
 from tables.namespaces import lookup
@@ -136,10 +140,68 @@ class Backfill(WalView):
         await stream.write_eof()
         return stream
 
-    def refuse(self, request: Request, rid: str, rejected: Rejected) -> Response:
-        return self.fail(
-            request, rid, rejected.http_status, rejected.code, rejected.message, rejected.details
+
+class _Pausing(WalView):
+    """``POST /wal/admin/namespaces/{name}/pause`` (body ``{"target"?, "reason"?}``) and
+    ``.../resume`` (body ``{"target"?}``): the namespace's new config goes to the
+    namespaces topic, every worker has it in about a second (:mod:`app.pausing`)."""
+
+    action = ""
+
+    async def post(self, request: Request, name: str) -> Response:
+        rid = request_id(request)
+        try:
+            caller = admin_of(request, f"namespaces.{self.action}")
+            raw = await request.read()
+            body = orjson.loads(raw) if raw.strip() else {}
+            if not isinstance(body, dict):
+                raise Rejected("the body is a JSON object: {target?, reason?}")
+            target, reason = body.get("target"), str(body.get("reason") or "")[:500]
+            found = lookup(name.strip().lower())
+            if found is None:
+                raise Rejected(
+                    f"namespace '{name}' not found", code="NAMESPACE_NOT_FOUND", http_status=404
+                )
+            pause = None
+            if self.action == "pause":
+                pause = Pause(reason=reason, since_ms=int(time.time() * 1000), by=str(caller))
+            ns, changed = pausing.paused(found, target, pause)
+        except orjson.JSONDecodeError as exc:
+            return self.refuse(request, rid, Rejected(f"invalid JSON: {exc}", code="INVALID_JSON"))
+        except Rejected as rejected:
+            return self.refuse(request, rid, rejected)
+        if changed:
+            record = Record(
+                NAMES["namespaces"], ns.name.encode(), ns.model_dump_json().encode(), {}
+            )
+            await producing.emit_until_durable([record], what=f"{self.action} of {ns.name}")
+        audit(
+            caller,
+            f"namespaces.{self.action}",
+            namespace=ns.name,
+            target=target,
+            reason=reason or None,
+            changed=changed,
         )
+        return self.json(
+            {
+                "namespace": ns.name,
+                "target": target,
+                "changed": changed,
+                "paused": pausing.pause_of(ns, ns.target(target) if target else None) is not None,
+            },
+            headers={"X-Request-ID": rid},
+        )
+
+
+@fleet.page("/wal/admin/namespaces/{name}/pause")
+class PauseNamespace(_Pausing):
+    action = "pause"
+
+
+@fleet.page("/wal/admin/namespaces/{name}/resume")
+class ResumeNamespace(_Pausing):
+    action = "resume"
 
 
 def _counts(tally: backfill_run.Tally) -> dict[str, int]:

@@ -7,7 +7,8 @@ every few seconds. No scripts, no external assets: inline CSS only.
 The data::
 
     {"generatedAt": str, "source": str (the worker that rendered it),
-     "namespaces": [{"name", "enabled", "totals": {outcome: n},
+     "namespaces": [{"name", "enabled", "paused": [{"target", "reason", "sinceMs", "by"}],
+                     "totals": {outcome: n},
                      "rates": {"1m"|"5m"|"1h": {outcome: per_s}},
                      "latencyMs": {"1m"|"5m"|"1h"|"total": {"p50", "p95", "p99", "count"}},
                      "dlq": {"topic", "depth", "shared"}, "error"?}],
@@ -22,6 +23,7 @@ The data::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
@@ -133,6 +135,11 @@ def _namespaces(namespaces: Sequence[Mapping[str, Any]]) -> str:
             name += " <small>(disabled)</small>"
         if ns.get("error"):
             name += f" <small class='warn'>{_e(ns['error'])}</small>"
+        for pause in ns.get("paused") or []:
+            what = f"{pause['target']} " if pause.get("target") else ""
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(pause["sinceMs"] / 1000))
+            reason = f": {_e(pause['reason'])}" if pause.get("reason") else ""
+            name += f" <small class='warn'>{_e(what)}paused since {since} UTC{reason}</small>"
         rates = " · ".join(f"{_rate(ns, w, 'delivered'):,.1f}" for w in ("1m", "5m", "1h"))
         latency = " · ".join(_ms(_p99(ns, w)) for w in ("5m", "1h"))
         dlq = ns.get("dlq") or {}

@@ -14,6 +14,7 @@ from agents.deliver import pace
 from app import topics
 from app.engine import offsets
 from app.fleet import fleet
+from app.pausing import pauses
 from app.web import dashboard
 from app.web.views import WalView, _json_lag, _now_ms, _owns_stats, _probed, _readiness, now_iso
 from tables import namespaces as namespace_table
@@ -119,7 +120,7 @@ async def _namespace_row(client: httpx.AsyncClient, name: str) -> dict[str, Any]
     ns = namespace_table.lookup(name)
     if ns is None:
         return None
-    row: dict[str, Any] = {"name": ns.name, "enabled": ns.enabled}
+    row: dict[str, Any] = {"name": ns.name, "enabled": ns.enabled, "paused": pauses(ns)}
     try:
         row.update(await _metrics_of(client, ns.name))
     except (httpx.HTTPError, KeyError, ValueError) as exc:

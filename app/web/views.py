@@ -28,6 +28,7 @@ from app.engine import offsets, producing
 from app.errors import Rejected
 from app.fleet import fleet, settings
 from app.models import Namespace
+from app.pausing import pauses
 from app.web import access, openapi
 from tables import namespaces as namespace_table
 from tables import stats as stats_table
@@ -83,6 +84,12 @@ class WalView(View):
             error_body(request, rid, code, message, details),
             status=status,
             headers={"X-Request-ID": rid, **(headers or {})},
+        )
+
+    def refuse(self, request: Request, rid: str, rejected: Rejected) -> Response:
+        """The error answer of ``rejected``."""
+        return self.fail(
+            request, rid, rejected.http_status, rejected.code, rejected.message, rejected.details
         )
 
     def namespace_not_found(self, request: Request, name: str) -> Response:
@@ -223,6 +230,7 @@ def namespace_summary(ns: Namespace) -> dict[str, Any]:
         ]
         or [{"identifier": "journal", "type": "sql", "enabled": True, "region": None}],
         "requiresApiKey": bool(ns.access_control.allowed_api_keys),
+        "paused": pauses(ns),
     }
 
 

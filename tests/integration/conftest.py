@@ -8,7 +8,7 @@ import random
 import shutil
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from app.ops import stack
 from app.ops.services import StackError
 from app.settings import Settings
 from tests.integration.harness import Fleet, delete_topics
+from tests.integration.targets.target_services import Webhook
 
 SERVICES = {"kafka": 9092, "postgres": 5432, "redis": 6379}
 #: Private brokers listen below Linux's ephemeral range (32768-60999), where no
@@ -107,3 +108,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[Webhook]:
+    hook = Webhook()
+    await hook.start()
+    yield hook
+    await hook.stop()

@@ -8,7 +8,6 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -21,14 +20,6 @@ from tests.integration.targets.target_services import Webhook
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
 
 LIMIT, WINDOW_S, RUN_S = 50, 5, 30
-
-
-@pytest.fixture
-async def hook() -> AsyncIterator[Webhook]:
-    h = Webhook()
-    await h.start()
-    yield h
-    await h.stop()
 
 
 def paced(hook: Webhook, **limits: Any) -> dict[str, Any]:
@@ -74,8 +65,9 @@ async def paces(worker: Worker) -> list[dict[str, Any]]:
 
 
 async def test_a_limited_webhook_gets_at_most_its_pace_and_every_write_once(
-    fleet: Fleet, hook: Webhook
+    fleet: Fleet, webhook: Webhook
 ) -> None:
+    hook = webhook
     table = f"pf_{fleet.prefix}"
     fleet.apply(paced(hook, maxPerSecond=LIMIT), journal(table))
     one, two = fleet.worker(), fleet.worker()
@@ -143,8 +135,9 @@ async def test_a_limited_webhook_gets_at_most_its_pace_and_every_write_once(
 
 
 async def test_a_throttling_webhook_sets_the_pace_and_gets_every_write_once(
-    fleet: Fleet, hook: Webhook
+    fleet: Fleet, webhook: Webhook
 ) -> None:
+    hook = webhook
     capacity = 30  # the webhook answers 429 past 30 requests in a second
     arrivals: list[float] = []
 

@@ -18,7 +18,6 @@ from tests.integration.targets.target_services import (
     REDIS_URL,
     STACK_HINT,
     TcpProxy,
-    Webhook,
     free_port,
     reachable,
 )
@@ -78,11 +77,3 @@ def throwaway_redis() -> Iterator[int]:
     finally:
         process.terminate()
         process.wait(timeout=10)
-
-
-@pytest.fixture
-async def webhook() -> AsyncIterator[Webhook]:
-    hook = Webhook()
-    await hook.start()
-    yield hook
-    await hook.stop()
