@@ -146,6 +146,8 @@ def choose(
     namespace, a later pass, outside the time range), :data:`EMIT`, or why it is skipped."""
     if headers.get(names.NAMESPACE) != plan.namespace or headers.get(names.TARGET):
         return None
+    if headers.get(names.CANCEL):  # a cancel record (tables/cancellations), not a write
+        return None
     received = _int(headers.get(names.RECEIVED_AT)) or timestamp_ms
     if plan.since_ms is not None and received < plan.since_ms:
         return None

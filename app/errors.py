@@ -50,6 +50,10 @@ CODES: dict[str, str] = {
     "CONDITION_FAILED": "The write's conditions did not hold at its target (SQL: the row "
     "or its columns; Redis: the key's value or hash fields; HTTP: 412), so it was not "
     "applied; a transaction's mutation that fails so is compensated.",
+    "CANCELLED": "The message was cancelled (DELETE /wal/messages/{id}) before this write "
+    "was delivered; it never will be.",
+    "CANCELLATIONS_FULL": "The worker holds its most cancellations (100 000, kept 7 days); "
+    "try again later.",
     "TARGET_ERROR": "The target failed in a way that may pass (HTTP 5xx, database error).",
     "RETRIES_EXHAUSTED": "Every attempt the retry policy allows failed; "
     "wal-error-message holds the last failure.",

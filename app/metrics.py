@@ -81,6 +81,10 @@ TARGET_WAITING = Gauge(
     "Writes this worker parked to wait their turn at a paced target, not back yet.",
     ["namespace", "target"],
 )
+CANCELLATIONS = Gauge(
+    "wal_cancellations",
+    "Cancellation marks this worker holds (kept 7 days, at most 100 000).",
+)
 ADMIN_ACTIONS = Counter(
     "wal_admin_actions",
     "Admin actions (app.audit) by action and outcome (ok, refused, failed).",

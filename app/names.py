@@ -38,6 +38,10 @@ MUTATION_INDEX = "wal-mutation-index"
 MUTATION_KIND = "wal-mutation-kind"
 #: The target a parked write waited its turn for (its pace); it goes when it is back.
 PACED = "wal-paced"
+#: A cancel record on ``wal-deliver``: the id of the message to cancel (tables/cancellations).
+CANCEL = "wal-cancel"
+#: Who cancelled (an admin key's or the namespace key's fingerprint).
+CANCELLED_BY = "wal-cancelled-by"
 TRACEPARENT = "traceparent"
 
 #: Headers a client may set on an ingest record that the fleet carries along.

@@ -39,12 +39,16 @@ from app.names import Record
 from tables import compact
 
 #: Per-target steps, and the message status they add up to (worst first).
-TARGET_STEPS = ("dead_lettered", "dropped", "failed", "retrying", "delivered")
+TARGET_STEPS = ("dead_lettered", "dropped", "failed", "retrying", "delivered", "cancelled")
 MESSAGE_STEPS = ("accepted", "delayed", "rejected")
+#: A message cancelled (``DELETE /wal/messages/{id}``; a mark per ``wal-deliver`` partition).
+CANCEL_STEP = "cancel"
 
 #: The steps of a message that met a failure: all that ``statusTracking: failures`` notes
 #: (with every later step of a write past its first attempt).
-FAILURE_STEPS = frozenset({"rejected", "retrying", "failed", "dead_lettered", "dropped"})
+FAILURE_STEPS = frozenset(
+    {"rejected", "retrying", "failed", "dead_lettered", "dropped", "cancel", "cancelled"}
+)
 
 
 def tracked(level: str, step: str, attempt: int = 1) -> bool:
@@ -121,7 +125,11 @@ def fold(doc: dict[str, Any] | None, entry: dict[str, Any]) -> dict[str, Any]:
     for field in ("transactionId", "dueAt"):
         if field in entry:
             doc[field] = entry[field]
-    if step in MESSAGE_STEPS:
+    if step == CANCEL_STEP:
+        doc["cancelledAt"] = min(doc.get("cancelledAt", at), at)
+        if "by" in entry:
+            doc["cancelledBy"] = entry["by"]
+    elif step in MESSAGE_STEPS:
         doc["acceptedAt"] = min(doc.get("acceptedAt", at), at)
         if at >= doc.get("_admittedAt", 0):  # a replay re-admits a message
             doc["admission"] = step
@@ -148,11 +156,14 @@ def fold(doc: dict[str, Any] | None, entry: dict[str, Any]) -> dict[str, Any]:
 def overall(doc: dict[str, Any]) -> str:
     """One word for a message.
 
-    rejected, delayed, pending, retrying, completed, dlq, dropped or failed.
+    rejected, delayed, pending, retrying, completed, dlq, dropped, failed or cancelled
+    (cancelled before any target had it: ``partially cancelled`` when some had).
     """
     if doc.get("admission") == "rejected":
         return "rejected"
     steps = {t["status"] for t in doc["targets"].values()}
+    if "cancelledAt" in doc and steps != {"delivered"}:
+        return "partially cancelled" if "delivered" in steps else "cancelled"
     if "dead_lettered" in steps:
         return "dlq"
     if "dropped" in steps:

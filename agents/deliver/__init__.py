@@ -78,6 +78,7 @@ from agents.deliver.outcomes import (
     hold,
     park,
     stats_deltas,
+    withdraw,
 )
 from agents.deliver.waves import parked, wave
 from app import metrics, names, topics
@@ -88,8 +89,9 @@ from app.models import Namespace, TargetDef, TargetRef, WriteRequest
 from app.names import Record
 from app.pausing import pause_of
 from app.topics import deliver_topic
-from tables import ordering
+from tables import cancellations, ordering
 from tables.namespaces import all_names, lookup
+from tables.status import CANCEL_STEP
 from targets.base import Write
 
 log = logging.getLogger("wal.deliver")
@@ -163,6 +165,8 @@ async def _deliver_batch(batch: Batch) -> None:
     metrics.BATCH_SIZE.labels("deliver").observe(len(batch))
     items = [_item(message) for message in batch.records]
     follow_ups = [r for item in items if (r := _plan(item)) is not None]
+    if cancellations.index.ids():  # some message was cancelled: are these of one?
+        _mark_cancelled(items, batch.records)
     done, late = await _deliver_all(items)
     follow_ups += done
     if not late:
@@ -222,6 +226,21 @@ async def _finish(batch: Batch, follow_ups: list[Record]) -> None:
     )
 
 
+def _withdrawn(
+    write: tuple[Item, str],
+    states: dict[bytes, dict[str, ordering.KeyState]],
+    follow_ups: list[Record],
+) -> bool:
+    """Take a cancelled message's write out (its status: cancelled); say whether it was."""
+    item, identifier = write
+    if not item.cancelled:
+        return False
+    record = withdraw(item, identifier, states)
+    if record is not None:
+        follow_ups.append(record)
+    return True
+
+
 def _held(
     write: tuple[Item, str],
     states: dict[bytes, dict[str, ordering.KeyState]],
@@ -247,7 +266,10 @@ def _item(message: Any) -> Item:
 
 
 def _plan(item: Item) -> Record | None:
-    """Work out the item's writes, one per target; a dead letter if it has none to make."""
+    """Work out the item's writes, one per target; a dead letter if it has none to make
+    (a cancel record: its mark, see :mod:`tables.cancellations`)."""
+    if names.CANCEL in item.headers:
+        return _cancel(item)
     admitted = _as_admitted(item)
     if admitted is not None:  # the common case: nothing to check again
         namespace, payload = admitted
@@ -283,6 +305,30 @@ def _plan(item: Item) -> Record | None:
             headers={h: v for h in names.PASSTHROUGH if (v := item.headers.get(h))},
         )
     return None
+
+
+def _cancel(item: Item) -> Record:
+    """A cancel record: mark its message cancelled in this partition from here on."""
+    _, partition, offset = item.source.rsplit("/", 2)
+    message_id, by = item.headers[names.CANCEL], item.headers.get(names.CANCELLED_BY, "")
+    namespace = item.headers.get(names.NAMESPACE) or metrics.UNKNOWN
+    current().status.note(message_id, namespace, CANCEL_STEP, by=by or None)
+    log.info(
+        "message %s cancelled in %s", message_id, item.source, extra={"message_id": message_id}
+    )
+    return cancellations.mark(message_id, int(partition), int(offset), by)
+
+
+def _mark_cancelled(items: list[Item], records: list[Any]) -> None:
+    """Mark the items whose message was cancelled before their record was read (never a
+    transaction's mutation: its transaction must hear of each)."""
+    ids = cancellations.index.ids()
+    for item, record in zip(items, records, strict=True):
+        if not item.writes or item.headers.get(names.TRANSACTION_ID):
+            continue
+        message_id = item.writes[next(iter(item.writes))].id
+        if message_id in ids:
+            item.cancelled = cancellations.cancelled(message_id, record.partition, record.offset)
 
 
 def _as_admitted(item: Item) -> tuple[Namespace, dict[str, Any]] | None:
@@ -355,6 +401,7 @@ async def _deliver_all(items: list[Item]) -> tuple[list[Record], list[Call]]:
     while pending:
         going, pending = wave(pending)
         going = [w for w in going if not parked(w, states, follow_ups)]
+        going = [w for w in going if not _withdrawn(w, states, follow_ups)]
         going = [w for w in going if not _held(w, states, follow_ups)]
         groups: dict[tuple[str, str], list[Item]] = defaultdict(list)
         for item, identifier in going:

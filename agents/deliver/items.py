@@ -26,6 +26,7 @@ class Item:
     request: WriteRequest | None = None
     writes: dict[str, Write] = field(default_factory=dict)  # target identifier -> write
     seqs: dict[str, int | None] = field(default_factory=dict)  # ordering: number per target
+    cancelled: bool = False  #: its message was cancelled before this record (not delivered)
 
     @property
     def attempt(self) -> int:

@@ -84,6 +84,7 @@ class Fate(StrEnum):
     DEAD_LETTERED = "dead_lettered"
     DROPPED = "dropped"  #: would be dead-lettered, but its DLQ is disabled
     FAILED = "failed"  #: a transaction's mutation: its transaction decides what follows
+    CANCELLED = "cancelled"  #: cancelled before it was delivered (tables/cancellations)
 
     @property
     def final(self) -> bool:
@@ -172,6 +173,8 @@ def finish(
         return _retry(item, target or "", decision, now)
     if fate is Fate.PARKED:
         return _park(item, target or "", seq, now, decision)
+    if fate is Fate.CANCELLED:
+        return None
     if fate is Fate.DROPPED:
         message_id = item.headers.get(names.MESSAGE_ID)
         log.warning(
@@ -197,7 +200,28 @@ def _next_step(
         # Not a failure: it waits its turn at the pace the answer just lowered.
         wait_s, booked = pace.turn((_name(item), identifier), outcome.retry_after)
         return park(item, identifier, None, wait_ms=int(wait_s * 1000), paced=booked)
-    decision = decide(item, outcome, now)
+    return _settle(item, identifier, decide(item, outcome, now), states)
+
+
+#: The decision for a write of a message cancelled before it was delivered.
+CANCELLED_DECISION = Decision(Fate.CANCELLED, "CANCELLED", "cancelled before delivery")
+
+
+def withdraw(
+    item: Item, identifier: str, states: dict[bytes, dict[str, ordering.KeyState]]
+) -> Record | None:
+    """A cancelled message's write: never delivered, noted and counted ``cancelled``; an
+    ``ordering: key`` write releases its key's turn, as any final outcome does."""
+    return _settle(item, identifier, CANCELLED_DECISION, states)
+
+
+def _settle(
+    item: Item,
+    identifier: str,
+    decision: Decision,
+    states: dict[bytes, dict[str, ordering.KeyState]],
+) -> Record | None:
+    """Carry out a write's decision, and its key's sequencing."""
     record = finish(item, identifier, decision)
     if not ordered(item):
         return record

@@ -358,6 +358,25 @@ class Probe:
             )
         return out
 
+    async def committed(self, topic: str) -> dict[int, int]:
+        """The group's committed offset of each partition of ``topic`` (not cached)."""
+        async with self._lock:
+            await self._start()
+            assert self._admin is not None
+            found = await asyncio.wait_for(
+                self._admin.list_consumer_group_offsets(self.settings.app_id), self.timeout_s
+            )
+        return {tp.partition: meta.offset for tp, meta in found.items() if tp.topic == topic}
+
+    async def end(self, topic: str, partition: int) -> int:
+        """The end offset of one partition of ``topic`` now (not cached)."""
+        async with self._lock:
+            await self._start()
+            assert self._consumer is not None
+            tp = TopicPartition(topic, partition)
+            ends = await asyncio.wait_for(self._consumer.end_offsets([tp]), self.timeout_s)
+        return int(ends[tp])
+
     async def _depth(self, topic: str) -> int | None:
         assert self._consumer is not None
         tps = await self._partitions(topic)

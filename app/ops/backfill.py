@@ -87,7 +87,7 @@ def _run(url: str, key: str, body: dict[str, Any], progress: bool) -> dict[str, 
         ) as answer:
             if answer.status_code != 200:
                 answer.read()
-                raise click.ClickException(_refusal(answer))
+                raise click.ClickException(refusal(answer))
             for line in answer.iter_lines():
                 if not line.strip():
                     continue
@@ -109,7 +109,7 @@ def _run(url: str, key: str, body: dict[str, Any], progress: bool) -> dict[str, 
     raise click.ClickException(f"{url}: the worker stopped answering before the end")
 
 
-def _refusal(answer: httpx.Response) -> str:
+def refusal(answer: httpx.Response) -> str:
     try:
         error = answer.json()["error"]
         return f"refused ({answer.status_code} {error['code']}): {error['message']}"

@@ -237,6 +237,43 @@ def schemas(check: bool) -> None:
         raise click.ClickException(f"stale schema files: {', '.join(stale)}; run `wal schemas`")
 
 
+# -- messages ------------------------------------------------------------------------------
+
+
+@main.group()
+def messages() -> None:
+    """Messages by id: cancel one before it is delivered."""
+
+
+@messages.command("cancel")
+@click.argument("message_id")
+@click.option("--url", help="A worker's web server (default: WAL_ADMIN_URL, else the local one).")
+def messages_cancel(message_id: str, url: str | None) -> None:
+    """Cancel MESSAGE_ID if it has not been delivered (pending, delayed or retrying): it is
+    then never delivered. Prints the outcome - cancelled, delivered (cancellation lost
+    the race), partially cancelled, or pending - and exits 1 unless it is cancelled.
+    Needs WAL_ADMIN_API_KEY."""
+    import httpx
+
+    from app.ops.backfill import refusal
+
+    s = Settings()
+    key = s.admin_api_key.get_secret_value()
+    if not key:
+        raise click.ClickException("wal messages cancel needs an admin key: set WAL_ADMIN_API_KEY")
+    where = f"{(url or s.worker_url).rstrip('/')}/wal/messages/{message_id}"
+    try:
+        answer = httpx.delete(where, headers={"X-API-Key": key}, timeout=60.0)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"{where}: {type(exc).__name__}: {exc}") from None
+    if answer.status_code != 200:
+        raise click.ClickException(refusal(answer))
+    word = answer.json()["outcome"]
+    click.echo(f"{message_id}: {word}")
+    if word != "cancelled":
+        sys.exit(1)
+
+
 # -- produce -------------------------------------------------------------------------------
 
 

@@ -137,6 +137,47 @@ _BACKFILL = {
 }
 
 
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+_PAUSE = {
+    "summary": "Pause (or resume) a namespace's deliveries, or one target's (admin key)",
+    "security": [{"apiKey": []}, {"bearer": []}],
+    "parameters": [_path_param("name")],
+    "requestBody": {
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"target": {"type": "string"}, "reason": {"type": "string"}},
+                }
+            }
+        }
+    },
+    "responses": {
+        "200": {"description": "{namespace, target, changed, paused}"},
+        "401": _error("No API key (UNAUTHORIZED)"),
+        "403": _error("Not an admin key, or no admin key configured (FORBIDDEN)"),
+        "404": _error("Unknown namespace or target (NAMESPACE_NOT_FOUND, TARGET_NOT_FOUND)"),
+    },
+}
+
+_CANCEL = {
+    "summary": "Cancel a message not delivered yet (admin key, or the namespace's own key); "
+    "answers once settled: outcome cancelled, delivered (cancellation lost the race), "
+    "partially cancelled, dead-lettered, rejected, or pending",
+    "security": [{"apiKey": []}, {"bearer": []}],
+    "parameters": [_path_param("message_id")],
+    "responses": {
+        "200": {"description": "{messageId, outcome, status}"},
+        "401": _error("No API key (UNAUTHORIZED)"),
+        "403": _error("Neither an admin key nor the namespace's (FORBIDDEN)"),
+        "503": _error("Too many cancellations held (CANCELLATIONS_FULL)"),
+    },
+}
+
+
 def _get(
     summary: str,
     param: str | None = None,
@@ -151,9 +192,7 @@ def _get(
         responses["404"] = _error(not_found)
     operation: dict[str, Any] = {"summary": summary, "responses": responses}
     if param:
-        operation["parameters"] = [
-            {"name": param, "in": "path", "required": True, "schema": {"type": "string"}}
-        ]
+        operation["parameters"] = [_path_param(param)]
     return {"get": operation}
 
 
@@ -213,6 +252,8 @@ def document() -> dict[str, Any]:
                 }
             },
             "/wal/admin/backfill": {"post": _BACKFILL},
+            "/wal/admin/namespaces/{name}/pause": {"post": _PAUSE},
+            "/wal/admin/namespaces/{name}/resume": {"post": _PAUSE},
             "/wal/namespaces": {
                 "get": {"summary": "List namespaces", "responses": {"200": {"description": "OK"}}}
             },
@@ -229,12 +270,15 @@ def document() -> dict[str, Any]:
                 "txn_id",
                 "Unknown or expired transaction",
             ),
-            "/wal/messages/{message_id}": _get(
-                "What became of a message, per target (from its owner)",
-                "message_id",
-                "Unknown message, or older than WAL_STATUS_RETENTION_S",
-                _MESSAGE_STATUS,
-            ),
+            "/wal/messages/{message_id}": {
+                **_get(
+                    "What became of a message, per target (from its owner)",
+                    "message_id",
+                    "Unknown message, or older than WAL_STATUS_RETENTION_S",
+                    _MESSAGE_STATUS,
+                ),
+                "delete": _CANCEL,
+            },
             "/wal/fleet": _get("Every worker's assignment, lag and circuits"),
             "/wal/dashboard": {
                 "get": {

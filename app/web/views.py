@@ -23,7 +23,8 @@ from faust.web import Request, Response, View
 
 from agents.ingest import HARD_SIZE_LIMIT, admit, deliver_record
 from agents.status import book as status_book
-from app import names, topics
+from app import cancelling, names, topics
+from app.audit import audit
 from app.engine import offsets, producing
 from app.errors import Rejected
 from app.fleet import fleet, settings
@@ -317,7 +318,38 @@ class Transaction(WalView):
 
 @fleet.page("/wal/messages/{message_id}")
 class MessageStatus(WalView):
-    """What became of a message, from the worker that owns its ``wal-status`` partition."""
+    """What became of a message, from the worker that owns its ``wal-status`` partition;
+    ``DELETE`` cancels it if it has not been delivered (:mod:`app.cancelling`)."""
+
+    @fleet.topic_route(topic=topics.status_topic, match_info="message_id")  # type: ignore[arg-type]
+    async def delete(self, request: Request, message_id: str) -> Response:
+        rid = request_id(request)
+        doc = status_book.get(message_id)
+        name = str(doc["namespace"]) if doc else ""
+        ns = namespace_table.lookup(name) if name else None
+        key = access.presented_key(dict(request.headers.items()))
+        digests = access.admin_digests(settings.admin_api_keys.get_secret_value())
+        try:
+            caller = cancelling.canceller(key, digests, ns)
+        except Rejected as rejected:
+            who = f"key:{access.fingerprint(access.hash_key(key))}" if key else "anonymous"
+            audit(who, "messages.cancel", "refused", message=message_id, reason=rejected.code)
+            return self.refuse(request, rid, rejected)
+        word = cancelling.outcome(doc)
+        if word in ("pending", "cancelled", "partially cancelled"):
+            try:
+                word = await cancelling.cancel(
+                    message_id,
+                    name,
+                    caller,
+                    lambda: status_book.get(message_id),
+                    settings.partitions,
+                )
+            except Rejected as rejected:
+                return self.refuse(request, rid, rejected)
+        audit(caller, "messages.cancel", "ok", message=message_id, namespace=name, result=word)
+        body = {"messageId": message_id, "outcome": word, "status": status_book.get(message_id)}
+        return self.json(body, headers={"X-Request-ID": rid})
 
     @fleet.topic_route(topic=topics.status_topic, match_info="message_id")  # type: ignore[arg-type]
     async def get(self, request: Request, message_id: str) -> Response:

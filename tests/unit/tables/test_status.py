@@ -144,3 +144,19 @@ def test_tracking_levels() -> None:
     assert not any(tracked("none", step, attempt) for step in steps for attempt in (1, 3))
     assert [s for s in steps if tracked("failures", s)] == sorted(FAILURE_STEPS)
     assert tracked("failures", "delivered", attempt=2)  # a write that failed before
+
+
+def test_a_cancelled_message_says_so_unless_every_target_had_it_first() -> None:
+    delayed = fold(None, entry("delayed", 1))
+    doc = fold(dict(delayed), entry("cancel", 5, by="admin:abcd1234"))
+    assert doc["status"] == "cancelled" and doc["cancelledBy"] == "admin:abcd1234"
+    doc = fold(doc, entry("cancel", 4))  # the mark of another partition: the first counts
+    doc = fold(doc, entry("cancelled", 9, target="pg", code="CANCELLED"))
+    assert doc["status"] == "cancelled" and doc["cancelledAt"] == 4
+    two = fold(fold(None, entry("accepted", 1)), entry("delivered", 3, target="hook"))
+    two = fold(two, entry("cancel", 4))
+    two = fold(two, entry("cancelled", 8, target="pg"))
+    assert two["status"] == "partially cancelled"  # the hook had it before the cancel
+    lost = fold(fold(None, entry("accepted", 1)), entry("cancel", 4))
+    lost = fold(lost, entry("delivered", 3, target="pg"))  # delivered before the mark
+    assert lost["status"] == "completed"
