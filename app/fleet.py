@@ -13,7 +13,7 @@ from typing import Any
 
 import faust
 
-from app.engine import consumer, store
+from app.engine import consumer, memory, store
 from app.engine.clients import has_codec, ssl_context
 from app.engine.partitioner import partitioner
 from app.engine.sensors import install_monitor
@@ -106,6 +106,18 @@ async def heal_held_partitions() -> None:
         await fleet.consumer.heal(after=10.0)  # type: ignore[attr-defined]
     except Exception:  # a timer that raises stops for good
         fleet.log.exception("healing held partitions failed")
+
+
+_trimmer = memory.Trimmer()
+
+
+@fleet.timer(memory.TRIM_EVERY_S)
+async def trim_memory() -> None:
+    """Give the memory of a busy spell back once it is over (:mod:`app.engine.memory`)."""
+    try:
+        _trimmer.look()
+    except Exception:  # a timer that raises stops for good
+        fleet.log.exception("trimming memory failed")
 
 
 install_monitor(fleet)
