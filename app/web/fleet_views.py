@@ -11,7 +11,7 @@ import httpx
 from faust.web import Request, Response, View
 
 from app import topics
-from app.engine import offsets
+from app.engine import offsets, replicas
 from app.fleet import fleet
 from app.web import dashboard
 from app.web.views import WalView, _json_lag, _now_ms, _owns_stats, _probed, _readiness, now_iso
@@ -43,6 +43,7 @@ def worker_view() -> dict[str, Any]:
         "stalled": offsets.stalled_partitions(),
         "circuits": {key: breaker.snapshot() for key, breaker in sorted(BREAKERS.items())},
         "members": offsets.members(),
+        "kafka": replicas.health.view(),
     }
 
 
@@ -104,6 +105,7 @@ class Dashboard(View):
                 for key, snapshot in (w.get("circuits") or {}).items()
             ],
             "workers": fleet_data["workers"],
+            "kafka": fleet_data["workers"][0]["kafka"],
         }
         return self.html(dashboard.render(data))
 
