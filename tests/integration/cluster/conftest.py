@@ -18,12 +18,16 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from app.ops import stack
 from app.settings import Settings
 from tests.integration import harness
 from tests.integration.conftest import private_stack, thaw_and_stop
 from tests.integration.harness import Fleet, Worker, delete_topics, eventually, pg_count
+
+#: DescribeConfigs' source of a value set on the topic itself (DYNAMIC_TOPIC_CONFIG).
+TOPIC_CONFIG = 1
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +93,29 @@ class Cluster:
             return await admin.find_coordinator(group)
         finally:
             await admin.close()
+
+    async def durability(self, prefix: str) -> dict[str, tuple[set[int], str | None]]:
+        """Per topic starting with ``prefix``: its partitions' replica counts, and its own
+        ``min.insync.replicas`` (None where the topic has none set: the brokers' default)."""
+        admin = await self.admin()
+        try:
+            names = sorted(t for t in await admin.list_topics() if t.startswith(prefix))
+            described = await admin.describe_topics(names)
+            wanted = {"min.insync.replicas": None}
+            resources = [ConfigResource(ConfigResourceType.TOPIC, n, wanted) for n in names]
+            configs = await admin.describe_configs(resources)
+        finally:
+            await admin.close()
+        own: dict[str, str | None] = dict.fromkeys(names)
+        for response in configs:
+            for _error, _message, _type, name, entries, *_ in response.resources:
+                for key, value, _read_only, source, *_ in entries:
+                    if key == "min.insync.replicas" and source == TOPIC_CONFIG:
+                        own[name] = value
+        return {
+            t["topic"]: ({len(p["replicas"]) for p in t["partitions"]}, own[t["topic"]])
+            for t in described
+        }
 
     async def fully_replicated(self, prefix: str) -> bool:
         """Every partition of the topics starting with ``prefix`` has all replicas in sync."""
