@@ -58,15 +58,15 @@ class ReplicaHealth:
         return {**self.snapshot, "ageSeconds": age}
 
     async def _describe(self, names: list[str]) -> list[dict[str, Any]]:
-        if self._admin is None:
-            admin = AIOKafkaAdminClient(
+        admin = self._admin
+        if admin is None:  # kept before it starts: a start cut short is closed too
+            admin = self._admin = AIOKafkaAdminClient(
                 bootstrap_servers=settings.bootstrap_servers,
                 request_timeout_ms=int(DEADLINE_S * 1000),
                 **security(settings),
             )
             await admin.start()
-            self._admin = admin
-        return list(await self._admin.describe_topics(names))
+        return list(await admin.describe_topics(names))
 
     async def _drop_admin(self) -> None:
         admin, self._admin = self._admin, None
