@@ -140,7 +140,8 @@ class Settings(BaseSettings):
     producer_request_timeout_s: float = Field(default=10.0, ge=1, le=1200)
     """WAL_PRODUCER_REQUEST_TIMEOUT_S: how long the fleet's producer waits for the answer to one
     produce request before it drops the connection and sends the batch again, to whichever
-    broker then leads the partition (idempotent: a batch sent again is not written twice).
+    broker then leads the partition (a batch sent again may be written twice: at least once,
+    the targets' ledgers apply a message once).
     Bounds how long a broker that hangs - paused, or cut off with its connections open -
     holds the stream once the cluster has moved its leaders (Faust's 1200 s held it for as
     long as the broker hung: ``tests/integration/cluster``). Also how long a leader may wait

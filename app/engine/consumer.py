@@ -304,19 +304,8 @@ class StrictConsumer(FetchingConsumer):
 LIVELOCK_CHECK_S = 30.0
 
 
-class DurableProducer(driver.Producer):
-    """Faust's producer, idempotent: Faust turns idempotence on only inside its own
-    transactions (``_settings_extra``), so a produce retried after a leader moved (the
-    first attempt written, its answer lost) wrote its records twice. With it the broker
-    drops the retry's duplicates by sequence number; ``acks=all`` as before."""
-
-    def _settings_extra(self) -> Mapping[str, Any]:
-        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
-
-
 class StrictTransport(driver.Transport):
     Consumer = StrictConsumer
-    Producer = DurableProducer
 
 
 def install(app: Any, *, busy_fetch: tuple[int, int] | None = None) -> None:

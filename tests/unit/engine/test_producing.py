@@ -80,14 +80,3 @@ async def test_an_outage_while_going_one_by_one_is_waited_out(
     assert values[-1] == (topics.NAMES["dlq"], b"huge")  # dead-lettered after the outage
     assert ("wal-deliver", b"a") in values and ("wal-deliver", b"huge") not in values
 
-
-async def test_the_fleets_producer_is_idempotent_with_acks_all() -> None:
-    from app.fleet import fleet
-
-    producer: Any = fleet.producer._new_producer()  # type: ignore[attr-defined]
-    try:
-        assert producer._txn_manager is not None, "enable_idempotence is off"
-        assert producer._txn_manager.transactional_id is None
-        assert producer.client is not None and producer._sender._acks == -1
-    finally:
-        await producer.client.close()

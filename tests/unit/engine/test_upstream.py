@@ -429,24 +429,6 @@ PINS: tuple[Pin, ...] = (
         ),
     ),
     Pin(
-        "faust.transport.drivers.aiokafka.Producer._settings_extra",
-        "a4c7bc41b63822236e4c9be1c49437d091f58c1b3a983eecabb7362a819aa8bd",
-        OVERRIDES,
-        ("app.engine.consumer:DurableProducer._settings_extra",),
-        "Faust asks for an idempotent producer only inside its own transactions: a produce "
-        "retried after a leader change could write its records twice",
-        ("test_the_fleets_producer_is_idempotent_with_acks_all",),
-    ),
-    Pin(
-        "faust.transport.drivers.aiokafka.Producer._new_producer",
-        "e72355c3430ed02f5202c83e2f5ef7daf484f33aa40e62f98fe3adec3e18aa17",
-        RELIES,
-        ("app.engine.consumer:DurableProducer._settings_extra",),
-        "it builds the aiokafka producer from _settings_extra last, over the defaults "
-        "(acks from producer_acks) and the credentials",
-        ("test_the_fleets_producer_is_idempotent_with_acks_all",),
-    ),
-    Pin(
         "faust.transport.drivers.aiokafka.Producer.key_partition",
         "c713c4d7b421ecdf0c0d00d500d142bd312466527c86605fe7f2d4276d426d4f",
         RELIES,
