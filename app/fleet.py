@@ -56,6 +56,7 @@ def create_app(s: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_linger_ms=s.producer_linger_ms,
+        producer_request_timeout=s.producer_request_timeout_s,
         producer_partitioner=partitioner,
         producer_max_request_size=TOPIC_MAX_MESSAGE_BYTES,
         **_optional(producer_compression_type=compression(s)),

@@ -95,3 +95,10 @@ CONSUMER_LAG = Gauge(
     "Records not yet processed, per assigned partition.",
     ["topic", "partition"],
 )
+PARTITIONS_AT_RISK = Gauge(
+    "wal_kafka_partitions",
+    "Partitions of the fleet's topics (changelogs included) the brokers report short of "
+    "replicas: under_replicated (fewer in sync than assigned), under_min_isr (fewer in sync "
+    "than a write needs: acks=all writes fail), offline (no leader).",
+    ["state"],
+)

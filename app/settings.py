@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -137,6 +137,16 @@ class Settings(BaseSettings):
     ``gzip`` is built in; ``lz4``, ``zstd`` and ``snappy`` need their codec installed
     (``lz4``, ``zstandard``, ``python-snappy``), checked at start."""
 
+    producer_request_timeout_s: float = Field(default=10.0, ge=1, le=1200)
+    """WAL_PRODUCER_REQUEST_TIMEOUT_S: how long the fleet's producer waits for the answer to one
+    produce request before it drops the connection and sends the batch again, to whichever
+    broker then leads the partition (a batch sent again may be written twice: at least once,
+    the targets' ledgers apply a message once).
+    Bounds how long a broker that hangs - paused, or cut off with its connections open -
+    holds the stream once the cluster has moved its leaders (Faust's 1200 s held it for as
+    long as the broker hung: ``tests/integration/cluster``). Also how long a leader may wait
+    for its in-sync replicas before answering."""
+
     producer_linger_ms: int = Field(default=5, ge=0)
     """WAL_PRODUCER_LINGER_MS: producer linger; batches records sent together."""
 
@@ -209,6 +219,11 @@ class Settings(BaseSettings):
     stack_cache_dir: Path = Path.home() / ".cache" / "wal"
     """WAL_STACK_CACHE_DIR: where Kafka's jars are resolved to (outside the repo)."""
 
+    stack_brokers: int = Field(default=1, ge=1, le=5)
+    """WAL_STACK_BROKERS: Kafka nodes of the local stack: 1, or a cluster of 3 (or 5) on
+    WAL_BROKER's port and every second port after it, with ``min.insync.replicas=2``. Odd:
+    a quorum of an even count survives no more failures than one node fewer."""
+
     kafka_version: str = "4.4.0"
     """WAL_KAFKA_VERSION: Apache Kafka release the local stack runs."""
 
@@ -217,6 +232,16 @@ class Settings(BaseSettings):
 
     redis_port: int = 6379
     """WAL_REDIS_PORT: port of the local stack's Redis."""
+
+    @field_validator("stack_brokers")
+    @classmethod
+    def _odd(cls, n: int) -> int:
+        if n % 2 == 0:
+            raise ValueError(
+                "WAL_STACK_BROKERS must be odd (1, 3 or 5): a KRaft quorum of "
+                f"{n} survives no more failures than one of {n - 1}"
+            )
+        return n
 
     @cached_property
     def tiers(self) -> tuple[int, ...]:

@@ -21,6 +21,13 @@ from app.settings import Settings
 log = logging.getLogger("wal.topics")
 
 
+def durability(s: Settings) -> dict[str, str]:
+    """Topic configs every topic the fleet creates has (its own, and Faust's changelogs): an
+    ``acks=all`` write is on two replicas before it is acknowledged, wherever there are
+    more than one (``WAL_REPLICATION_FACTOR``), whatever the brokers' default."""
+    return {"min.insync.replicas": str(min(2, s.replication_factor))}
+
+
 async def ensure_topics(s: Settings, *, timeout: float = 30.0) -> list[str]:
     """Create every topic the fleet needs that does not exist yet; return those created."""
     admin = AIOKafkaAdminClient(
@@ -35,10 +42,7 @@ async def ensure_topics(s: Settings, *, timeout: float = 30.0) -> list[str]:
         for role, name in topic_names(s).items():
             if name in existing:
                 continue
-            configs = {
-                "min.insync.replicas": str(min(2, s.replication_factor)),
-                "max.message.bytes": str(TOPIC_MAX_MESSAGE_BYTES),
-            }
+            configs = {**durability(s), "max.message.bytes": str(TOPIC_MAX_MESSAGE_BYTES)}
             if role == "namespaces":
                 configs["cleanup.policy"] = "compact"
             if role == "status":  # history for GET /wal/messages/{id}, then gone

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
@@ -63,6 +67,37 @@ KAFKA_STOP_S = 30.0
 
 
 # -- Kafka ---------------------------------------------------------------------------
+#
+# One broker (the default), or a cluster of ``WAL_STACK_BROKERS`` nodes on loopback.
+# Every node is a combined broker+controller and every node is a voter of the KRaft
+# quorum: three JVMs on two cores rather than four or six (one controller + three
+# brokers would make that controller a single point of failure the fault tests would
+# trip over; three controllers + three brokers do not fit the machine). A quorum of three
+# keeps a majority with one node down, so killing, pausing or stopping any one node
+# exercises what a production cluster does when a broker dies: leaders move, the ISR
+# shrinks, the group coordinator moves - with the active controller moving too when the
+# node killed held it.
+
+
+@dataclass(frozen=True)
+class KafkaNode:
+    """One node of the local Kafka: its client port (the controller's is the next one)."""
+
+    node_id: int
+    port: int
+    kdir: Path
+
+    @property
+    def name(self) -> str:
+        return self.kdir.name
+
+    @property
+    def controller_port(self) -> int:
+        return self.port + 1
+
+    @property
+    def pid_file(self) -> Path:
+        return self.kdir / "kafka.pid"
 
 
 def _kafka_port(settings: Settings) -> int:
@@ -70,6 +105,22 @@ def _kafka_port(settings: Settings) -> int:
     if host not in (HOST, "localhost"):
         raise StackError(f"kafka: WAL_BROKER points at {host}; the local stack runs on {HOST}")
     return port
+
+
+def kafka_nodes(settings: Settings) -> list[KafkaNode]:
+    """The nodes ``WAL_STACK_BROKERS`` asks for: one in ``<stack_dir>/kafka`` on
+    WAL_BROKER's port, or n in ``kafka-1`` … ``kafka-n`` on that port and every second
+    one after it (each node's controller listens on the port after its own)."""
+    port, root, n = _kafka_port(settings), stack_dir(settings), settings.stack_brokers
+    if n == 1:
+        return [KafkaNode(1, port, root / "kafka")]
+    return [KafkaNode(i, port + 2 * (i - 1), root / f"kafka-{i}") for i in range(1, n + 1)]
+
+
+def bootstrap(settings: Settings) -> str:
+    """WAL_BROKER for the nodes of ``settings``: every node, so that a client started while
+    one is down still finds the cluster."""
+    return "kafka://" + ";".join(f"{HOST}:{node.port}" for node in kafka_nodes(settings))
 
 
 def _kafka_libs(settings: Settings) -> Path:
@@ -92,17 +143,36 @@ def _kafka_libs(settings: Settings) -> Path:
     return libs
 
 
-def _kafka_configure(settings: Settings, kdir: Path, port: int) -> Path:
+def _kafka_configure(node: KafkaNode, nodes: list[KafkaNode]) -> Path:
+    """``server.properties`` of ``node``: internal topics replicated to at most three
+    nodes, and at least two replicas in sync for a write wherever there are three."""
+    replicas = min(3, len(nodes))
     template = Template((DEPLOY_DIR / "kafka" / "server.properties").read_text())
-    props = kdir / "server.properties"
+    voters = ",".join(f"{n.node_id}@{HOST}:{n.controller_port}" for n in nodes)
+    props = node.kdir / "server.properties"
     props.write_text(
-        template.substitute(host=HOST, port=port, controller_port=port + 1, data_dir=kdir / "data")
+        template.substitute(
+            host=HOST,
+            node_id=node.node_id,
+            voters=voters,
+            port=node.port,
+            controller_port=node.controller_port,
+            data_dir=node.kdir / "data",
+            replicas=replicas,
+            min_insync=min(2, replicas),
+        )
     )
     return props
 
 
-def _cluster_id() -> str:
-    """A Kafka cluster id: a random UUID, base64url, 22 characters, not starting with '-'."""
+def _cluster_id(nodes: list[KafkaNode]) -> str:
+    """The id the nodes were formatted with, or a new one: a random UUID, base64url, 22
+    characters, not starting with '-'. Every node of a cluster must have the same."""
+    for node in nodes:
+        with contextlib.suppress(OSError):
+            for line in (node.kdir / "data" / "meta.properties").read_text().splitlines():
+                if line.startswith("cluster.id="):
+                    return line.split("=", 1)[1].strip()
     while True:
         cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         if not cid.startswith("-"):
@@ -113,18 +183,27 @@ def _java(libs: Path, main: str, *args: str, jvm: tuple[str, ...] = ()) -> list[
     return ["java", *jvm, "-cp", f"{libs}/*", main, *args]
 
 
-def _kafka_format(libs: Path, props: Path, data: Path) -> None:
+def _kafka_format(libs: Path, props: Path, data: Path, cluster_id: str) -> None:
     if (data / "meta.properties").exists():
         return
-    cmd = _java(libs, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props))
+    cmd = _java(libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props))
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise StackError(f"kafka: formatting {data} failed:\n{done.stdout}{done.stderr}")
 
 
-def _kafka_spawn(libs: Path, kdir: Path, props: Path) -> subprocess.Popen[bytes]:
+#: Heap of a lone broker, and of each node of a cluster: three nodes share two cores and
+#: the machine with PostgreSQL, Redis and the workers; a few hundred partitions need far
+#: less than this.
+SOLO_HEAP = ("-Xms256m", "-Xmx1g")
+CLUSTER_HEAP = ("-Xms128m", "-Xmx384m")
+
+
+def _kafka_spawn(
+    libs: Path, kdir: Path, props: Path, heap: tuple[str, ...]
+) -> subprocess.Popen[bytes]:
     log4j = DEPLOY_DIR / "kafka" / "log4j2.yaml"
-    jvm = ("-Xms256m", "-Xmx1g", f"-Dkafka.logs.dir={kdir}", f"-Dlog4j2.configurationFile={log4j}")
+    jvm = (*heap, f"-Dkafka.logs.dir={kdir}", f"-Dlog4j2.configurationFile={log4j}")
     cmd = _java(libs, "kafka.Kafka", str(props), jvm=jvm)
     with (kdir / "kafka.out").open("ab") as out:
         return subprocess.Popen(
@@ -179,49 +258,91 @@ def _kafka_wait(proc: subprocess.Popen[bytes], port: int, kdir: Path, offset: in
 
 
 def _kafka_up(settings: Settings, state: State) -> None:
-    port, kdir = _kafka_port(settings), stack_dir(settings) / "kafka"
-    pid = read_pid(kdir / "kafka.pid")
-    if "kafka" in state and alive(pid, "kafka.Kafka"):
-        click.echo(f"kafka: already running on {HOST}:{port} (pid {pid})")
-        return
-    if port_open(port):
-        click.echo(f"kafka: reusing what listens on {HOST}:{port} (external)")
-        return
-    if port_open(port + 1):
-        raise StackError(f"kafka: the controller port {HOST}:{port + 1} is taken")
-    started = time.monotonic()
+    """Start every node that does not run (all of them first: a quorum needs a majority
+    before any node answers), then wait for each."""
+    nodes = kafka_nodes(settings)
+    other = sorted(k for k in state if k.startswith("kafka") and k not in {n.name for n in nodes})
+    if other:
+        raise StackError(
+            f"kafka: this stack runs {', '.join(other)}, not the {len(nodes)} node(s) asked "
+            "for (WAL_STACK_BROKERS, --brokers): `wal stack down` first"
+        )
+    started, spawned = time.monotonic(), []
+    for node in nodes:
+        pid = read_pid(node.pid_file)
+        if node.name in state and alive(pid, "kafka.Kafka"):
+            click.echo(f"{node.name}: already running on {HOST}:{node.port} (pid {pid})")
+            continue
+        if port_open(node.port):
+            if len(nodes) > 1:
+                raise StackError(f"{node.name}: {HOST}:{node.port} is taken")
+            click.echo(f"kafka: reusing what listens on {HOST}:{node.port} (external)")
+            return
+        if port_open(node.controller_port):
+            raise StackError(
+                f"{node.name}: the controller port {HOST}:{node.controller_port} is taken"
+            )
+        spawned.append((node, _kafka_start(settings, state, node, nodes)))
+    for node, (proc, offset) in spawned:
+        _kafka_wait(proc, node.port, node.kdir, offset)
+        took = time.monotonic() - started
+        click.echo(f"{node.name}: ready on {HOST}:{node.port} (pid {proc.pid}) in {took:.1f} s")
+
+
+def _kafka_start(
+    settings: Settings, state: State, node: KafkaNode, nodes: list[KafkaNode]
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Configure, format (once) and spawn ``node``; the process and its log's offset."""
     libs = _kafka_libs(settings)
-    kdir.mkdir(parents=True, exist_ok=True)
-    props = _kafka_configure(settings, kdir, port)
-    _kafka_format(libs, props, kdir / "data")
-    log = kdir / "server.log"
+    node.kdir.mkdir(parents=True, exist_ok=True)
+    props = _kafka_configure(node, nodes)
+    _kafka_format(libs, props, node.kdir / "data", _cluster_id(nodes))
+    log = node.kdir / "server.log"
     offset = log.stat().st_size if log.exists() else 0
-    proc = _kafka_spawn(libs, kdir, props)
-    (kdir / "kafka.pid").write_text(f"{proc.pid}\n")
-    state["kafka"] = {"pid_file": str(kdir / "kafka.pid")}
+    heap = SOLO_HEAP if len(nodes) == 1 else CLUSTER_HEAP
+    proc = _kafka_spawn(libs, node.kdir, props, heap)
+    node.pid_file.write_text(f"{proc.pid}\n")
+    state[node.name] = {"pid_file": str(node.pid_file), "port": str(node.port)}
     save_state(settings, state)
-    _kafka_wait(proc, port, kdir, offset)
-    took = time.monotonic() - started
-    click.echo(f"kafka: ready on {HOST}:{port} (pid {proc.pid}) in {took:.1f} s")
+    return proc, offset
+
+
+def _started_nodes(state: State) -> list[KafkaNode]:
+    nodes = []
+    for name, entry in sorted(state.items()):
+        if name.startswith("kafka") and "port" in entry:
+            pid_file = Path(entry["pid_file"])
+            node_id = int(name.rpartition("-")[2]) if "-" in name else 1
+            nodes.append(KafkaNode(node_id, int(entry["port"]), pid_file.parent))
+    return nodes
 
 
 def _kafka_down(settings: Settings, state: State) -> None:
-    if state.pop("kafka", None) is None:
-        return
-    pid_file = stack_dir(settings) / "kafka" / "kafka.pid"
-    pid = read_pid(pid_file)
-    if alive(pid, "kafka.Kafka"):
-        assert pid is not None
+    """Stop every node ``up`` started, whatever WAL_STACK_BROKERS says now: all told at
+    once (a node told alone waits for the others to take its partitions; the last one
+    for a quorum that has gone), then each waited for."""
+    running = []
+    for name in sorted(k for k in state if k.startswith("kafka")):
+        pid_file = Path(state.pop(name)["pid_file"])
+        pid = read_pid(pid_file)
+        if pid is not None and alive(pid, "kafka.Kafka"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            running.append((name, pid))
+        pid_file.unlink(missing_ok=True)
+    for name, pid in running:
         stop_pid(pid, "kafka.Kafka", KAFKA_STOP_S)
-        click.echo(f"kafka: stopped (pid {pid})")
-    pid_file.unlink(missing_ok=True)
+        click.echo(f"{name}: stopped (pid {pid})")
 
 
-def _kafka_status(settings: Settings, state: State) -> ServiceStatus:
-    kdir = stack_dir(settings) / "kafka"
-    pid = read_pid(kdir / "kafka.pid")
-    ours = pid if "kafka" in state and alive(pid, "kafka.Kafka") else None
-    return status_of("kafka", _kafka_port(settings), ours, kdir / "server.log")
+def _kafka_status(settings: Settings, state: State) -> list[ServiceStatus]:
+    """Each node ``up`` started (whatever WAL_STACK_BROKERS says now), else those it asks for."""
+    out = []
+    for node in _started_nodes(state) or kafka_nodes(settings):
+        pid = read_pid(node.pid_file)
+        ours = pid if node.name in state and alive(pid, "kafka.Kafka") else None
+        out.append(status_of(node.name, node.port, ours, node.kdir / "server.log"))
+    return out
 
 
 # -- PostgreSQL ----------------------------------------------------------------------
@@ -255,7 +376,11 @@ def down(settings: Settings) -> None:
 
 def status(settings: Settings) -> list[ServiceStatus]:
     state = load_state(settings)
-    return [check(settings, state) for check in (_kafka_status, postgres_status, redis_status)]
+    return [
+        *_kafka_status(settings, state),
+        postgres_status(settings, state),
+        redis_status(settings, state),
+    ]
 
 
 @click.group("stack")
@@ -264,9 +389,18 @@ def stack() -> None:
 
 
 @stack.command("up")
-def up_command() -> None:
+@click.option(
+    "--brokers",
+    type=click.IntRange(1, 5),
+    default=None,
+    help="Kafka nodes (default: WAL_STACK_BROKERS, 1); 3 for a cluster like production's.",
+)
+def up_command(brokers: int | None) -> None:
     """Start what is not running; reuse services already on their ports."""
-    up(Settings())
+    settings = Settings() if brokers is None else Settings(stack_brokers=brokers)
+    up(settings)
+    if settings.stack_brokers > 1:
+        click.echo(f"kafka: cluster of {settings.stack_brokers}; WAL_BROKER={bootstrap(settings)}")
 
 
 @stack.command("down")
@@ -277,9 +411,10 @@ def down_command() -> None:
 
 
 @stack.command("status")
-def status_command() -> None:
+@click.option("--brokers", type=click.IntRange(1, 5), default=None, help="As for `up`.")
+def status_command(brokers: int | None) -> None:
     """Show what runs where; exit 1 when a service is down."""
-    services = status(Settings())
+    services = status(Settings() if brokers is None else Settings(stack_brokers=brokers))
     for service in services:
         click.echo(service.line())
     if not all(service.running for service in services):

@@ -18,7 +18,10 @@ The data::
      "paces": [{"worker", "namespace", "target", "limit", "fleetPace", "pace", "share",
                 "inFlight", "maxInFlight", "waiting"}],
      "workers": [{"url", "ready", "assigned": {topic: [p]}, "lag": {topic: {p: n}},
-                  "stalled"?: [{"topic", "partition", "seconds"}], "error"?}]}
+                  "stalled"?: [{"topic", "partition", "seconds"}], "error"?}],
+     "kafka"?: {"checked", "ageSeconds", "error"?, "partitions": n,
+                "offline"|"underMinIsr"|"underReplicated": {"count", "partitions": [
+                    {"topic", "partition", "leader", "replicas", "inSync"}]}}}
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def render(data: Mapping[str, Any]) -> str:
             _namespaces(namespaces),
             _circuits(list(data.get("circuits") or [])),
             _paces(list(data.get("paces") or [])),
+            _kafka(data.get("kafka") or {}),
             _workers(workers),
             "</main>",
         ]
@@ -209,6 +213,38 @@ def _paces(paces: Sequence[Mapping[str, Any]]) -> str:
         ]
         rows.append(_row("td", cells, raw=True, numeric=[1, 2, 3, 4]))
     return _section("Target pace", head + "".join(rows))
+
+
+#: How the dashboard names each state of :mod:`app.engine.replicas`, worst first.
+_AT_RISK = {
+    "offline": "offline (no leader)",
+    "underMinIsr": "under min ISR (writes refused)",
+    "underReplicated": "under-replicated",
+}
+
+
+def _kafka(kafka: Mapping[str, Any]) -> str:
+    """The fleet's partitions the brokers report at risk (or that all are in sync)."""
+    if not kafka.get("checked"):
+        return _section("Kafka partitions", "<tr><td class='muted'>not described yet</td></tr>")
+    title = (
+        f"Kafka partitions ({_int(kafka.get('partitions'))} of the fleet's topics, "
+        f"described {kafka.get('ageSeconds')} s ago)"
+    )
+    if kafka.get("error"):
+        title += f"; the last describe failed: {kafka['error']}"
+    head = _row("th", ["State", "Partitions", "Where (leader, in sync / replicas)"])
+    rows = []
+    for state, label in _AT_RISK.items():
+        found = kafka.get(state) or {}
+        where = ", ".join(
+            f"{p['topic']}/{p['partition']} ({p['leader']}, {p['inSync']}/{p['replicas']})"
+            for p in found.get("partitions") or ()
+        )
+        css = "bad" if found.get("count") and state != "underReplicated" else "warn"
+        cells = [_e(label), _int(found.get("count")), f"<span class='{css}'>{_e(where)}</span>"]
+        rows.append(_row("td", cells, raw=True, numeric=[1]))
+    return _section(title, head + "".join(rows))
 
 
 def _workers(workers: Sequence[Mapping[str, Any]]) -> str:

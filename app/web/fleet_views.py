@@ -12,7 +12,7 @@ from faust.web import Request, Response, View
 
 from agents.deliver import pace
 from app import topics
-from app.engine import offsets
+from app.engine import offsets, replicas
 from app.fleet import fleet
 from app.pausing import pauses
 from app.web import dashboard
@@ -46,6 +46,7 @@ def worker_view() -> dict[str, Any]:
         "circuits": {key: breaker.snapshot() for key, breaker in sorted(BREAKERS.items())},
         "paces": pace.view(),
         "members": offsets.members(),
+        "kafka": replicas.health.view(),
     }
 
 
@@ -112,6 +113,7 @@ class Dashboard(View):
                 for paced in (w.get("paces") or [])
             ],
             "workers": fleet_data["workers"],
+            "kafka": fleet_data["workers"][0]["kafka"],
         }
         return self.html(dashboard.render(data))
 

@@ -25,7 +25,7 @@ from agents.ingest import HARD_SIZE_LIMIT, admit, deliver_record
 from agents.status import book as status_book
 from app import cancelling, names, topics
 from app.audit import audit
-from app.engine import offsets, producing
+from app.engine import offsets, producing, replicas
 from app.errors import Rejected
 from app.fleet import fleet, settings
 from app.models import Namespace
@@ -270,7 +270,9 @@ class Live(View):
 
 @fleet.page("/health/ready")
 class Ready(View):
-    """Partitions assigned, tables recovered, commits keeping up: this worker is processing."""
+    """Partitions assigned, tables recovered, commits keeping up: this worker is processing.
+    ``kafka``: the fleet's partitions the brokers report offline or short of in-sync
+    replicas (shown, never a reason to be unready: :mod:`app.engine.replicas`)."""
 
     async def get(self, request: Request) -> Response:
         checks = _readiness()
@@ -278,6 +280,7 @@ class Ready(View):
         if not (checks["commitsAdvancing"] and checks["partitionsMoving"]):
             status = "stalled"
         body = {"status": status, "checks": checks, "stalled": offsets.stalled_partitions()}
+        body["kafka"] = replicas.health.view()
         return self.json(body, status=200 if checks["ready"] else 503)
 
 

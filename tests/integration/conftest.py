@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import shutil
@@ -26,17 +27,45 @@ PRIVATE_PORTS = range(20_000, 32_000, 2)
 PRIVATE_TRIES = 3
 
 
-def free_pair() -> int:
-    """A port that is free, with the next one (Kafka's controller listener) free too."""
+def free_run(count: int = 2) -> int:
+    """A port that is free, with the ``count - 1`` after it free too (each Kafka node
+    listens on two: clients, and the next one for its controller)."""
     for port in random.sample(PRIVATE_PORTS, 50):
         try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
+            with contextlib.ExitStack() as sockets:
+                for p in range(port, port + count):
+                    sockets.enter_context(socket.socket()).bind(("127.0.0.1", p))
                 return port
         except OSError:
             continue
-    raise RuntimeError(f"no two free ports next to each other in {PRIVATE_PORTS}")
+    raise RuntimeError(f"no {count} free ports next to each other in {PRIVATE_PORTS}")
+
+
+def private_stack(root: Path, brokers: int = 1) -> Settings:
+    """The local stack's Kafka (one node, or a cluster) of a test's own, under ``root``, on
+    free ports (PostgreSQL and Redis: the shared ones, reused)."""
+    for attempt in range(1, PRIVATE_TRIES + 1):
+        port = free_run(2 * brokers)
+        settings = Settings(
+            stack_dir=root / "stack", broker=f"kafka://127.0.0.1:{port}", stack_brokers=brokers
+        )
+        try:
+            stack.up(settings)
+            return settings
+        except StackError:  # a port taken between the check and the bind: fresh ports
+            stack.down(settings)
+            shutil.rmtree(root / "stack", ignore_errors=True)
+            if attempt == PRIVATE_TRIES:
+                raise
+    raise AssertionError("unreachable")
+
+
+def thaw_and_stop(settings: Settings) -> None:
+    """SIGCONT every node a test may have paused, then stop the stack's Kafka."""
+    for s in stack.status(settings):
+        if s.name.startswith("kafka") and isinstance(s.pid, int):
+            os.kill(s.pid, signal.SIGCONT)
+    stack.down(settings)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -74,23 +103,11 @@ def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
 @pytest.fixture
 def private_broker(tmp_path: Path) -> Iterator[Settings]:
     """A Kafka broker of this test's own, which it may freeze without harming the others."""
-    for attempt in range(1, PRIVATE_TRIES + 1):
-        settings = Settings(stack_dir=tmp_path / "stack", broker=f"kafka://127.0.0.1:{free_pair()}")
-        try:
-            stack.up(settings)
-            break
-        except StackError:  # a port taken between the check and the bind: fresh ports
-            stack.down(settings)
-            shutil.rmtree(tmp_path / "stack", ignore_errors=True)
-            if attempt == PRIVATE_TRIES:
-                raise
+    settings = private_stack(tmp_path)
     try:
         yield settings
     finally:
-        for s in stack.status(settings):
-            if s.name == "kafka" and isinstance(s.pid, int):
-                os.kill(s.pid, signal.SIGCONT)
-        stack.down(settings)
+        thaw_and_stop(settings)
 
 
 @pytest.fixture

@@ -77,63 +77,39 @@ async def status(worker: Worker, txn_id: str) -> dict[str, Any] | None:
     return r.json() if r.status_code == 200 else None
 
 
-async def test_transfers_complete_or_compensate_through_a_sigkill(fleet: Fleet) -> None:
-    table = f"l_{fleet.prefix}"
-    create_ledger(table)
-    fleet.apply(bank(table))
-    one, two = fleet.worker(), fleet.worker()
-    await one.ready()
-    await two.ready()
-
-    rnd = random.Random(42)
-    total = 300
-    plans = []
+async def final_counts(worker: Worker, run: str, total: int) -> dict[str, int]:
+    """Status -> how many of the transfers of ``run`` have it now (``missing``: unknown)."""
+    counts: dict[str, int] = {}
     for n in range(total):
-        src, dst = rnd.sample(ACCOUNTS, 2)
-        if n % 10 == 3:
-            dst = "frozen"
-        plans.append(transfer(fleet.prefix, n, src, dst, rnd.randint(1, 100)))
-    await produce(
-        fleet.topic("ingest"),
-        plans[: total // 2],
-        keys=[f"t{n}".encode() for n in range(total // 2)],
-    )
+        state = await status(worker, f"txn_{run}-t{n}")
+        final = state["status"] if state else "missing"
+        counts[final] = counts.get(final, 0) + 1
+    return counts
 
-    async def some_done() -> bool:
-        return int(pg_query(f'SELECT count(*) FROM "{table}"')[0][0]) >= 50
 
-    await eventually(some_done, timeout=60, what="first entries")
-    one.kill9()  # mid-run: the other worker takes over its partitions
-    await produce(
-        fleet.topic("ingest"),
-        plans[total // 2 :],
-        keys=[f"t{n}".encode() for n in range(total // 2, total)],
-    )
-
+async def all_final(worker: Worker, run: str, total: int, timeout: float = 240) -> dict[str, int]:
+    """Status -> count, once every transfer of ``run`` has ended (completed or compensated);
+    an assertion naming what each was when they do not."""
     seen: dict[str, int] = {}
 
-    async def all_final() -> dict[str, int] | None:
-        counts = seen
-        counts.clear()
-        for n in range(total):
-            state = await status(two, f"txn_{fleet.prefix}-t{n}")
-            final = state["status"] if state else "missing"
-            counts[final] = counts.get(final, 0) + 1
-        return counts if set(counts) <= {"completed", "compensated"} else None
+    async def check() -> dict[str, int] | None:
+        seen.clear()
+        seen.update(await final_counts(worker, run, total))
+        return dict(seen) if set(seen) <= {"completed", "compensated"} else None
 
     try:
-        counts = await eventually(all_final, timeout=240, interval=2.0, what="all final")
+        counts: dict[str, int] = await eventually(
+            check, timeout=timeout, interval=2.0, what="all final"
+        )
     except AssertionError as exc:
         raise AssertionError(f"transactions not all final: {seen}") from exc
-    assert counts == {"completed": total - total // 10, "compensated": total // 10}, counts
+    return counts
 
-    async def drained() -> bool:  # nothing left to replay or dispatch before counting
-        topics = [fleet.topic(t) for t in ("ingest", "deliver", "txn-events")]
-        return not any((await group_lag(fleet.prefix, topics)).values())
 
-    await eventually(drained, timeout=60, what="every topic committed to its end")
-    # Exactly the entries each outcome implies: a completed transfer its debit and credit;
-    # one to the frozen account its debit and the debit's undo (the credit never applied).
+def ledger_exact(table: str, total: int) -> list[str]:
+    """Assert the ledger holds exactly the entries each outcome implies, once each, and no
+    money made or lost: a completed transfer its debit and credit; one to the frozen account
+    (every tenth, n % 10 == 3) its debit and the debit's undo (the credit never applied)."""
     expected = set()
     for n in range(total):
         legs = ("debit", "debit-undo") if n % 10 == 3 else ("debit", "credit")
@@ -144,6 +120,57 @@ async def test_transfers_complete_or_compensate_through_a_sigkill(fleet: Fleet) 
     missing, extra = sorted(expected - set(entries)), sorted(set(entries) - expected)
     assert not missing and not extra, f"missing {missing[:5]}, extra {extra[:5]}"
     assert sum(amount for _, amount in rows) == 0, "money was created or destroyed"
+    return entries
+
+
+def plans(run: str, total: int) -> list[bytes]:
+    """``total`` transfers between random accounts (seeded), every tenth to the frozen one."""
+    rnd = random.Random(42)
+    out = []
+    for n in range(total):
+        src, dst = rnd.sample(ACCOUNTS, 2)
+        if n % 10 == 3:
+            dst = "frozen"
+        out.append(transfer(run, n, src, dst, rnd.randint(1, 100)))
+    return out
+
+
+async def test_transfers_complete_or_compensate_through_a_sigkill(fleet: Fleet) -> None:
+    table = f"l_{fleet.prefix}"
+    create_ledger(table)
+    fleet.apply(bank(table))
+    one, two = fleet.worker(), fleet.worker()
+    await one.ready()
+    await two.ready()
+
+    total = 300
+    plans_ = plans(fleet.prefix, total)
+    await produce(
+        fleet.topic("ingest"),
+        plans_[: total // 2],
+        keys=[f"t{n}".encode() for n in range(total // 2)],
+    )
+
+    async def some_done() -> bool:
+        return int(pg_query(f'SELECT count(*) FROM "{table}"')[0][0]) >= 50
+
+    await eventually(some_done, timeout=60, what="first entries")
+    one.kill9()  # mid-run: the other worker takes over its partitions
+    await produce(
+        fleet.topic("ingest"),
+        plans_[total // 2 :],
+        keys=[f"t{n}".encode() for n in range(total // 2, total)],
+    )
+
+    counts = await all_final(two, fleet.prefix, total)
+    assert counts == {"completed": total - total // 10, "compensated": total // 10}, counts
+
+    async def drained() -> bool:  # nothing left to replay or dispatch before counting
+        topics = [fleet.topic(t) for t in ("ingest", "deliver", "txn-events")]
+        return not any((await group_lag(fleet.prefix, topics)).values())
+
+    await eventually(drained, timeout=60, what="every topic committed to its end")
+    entries = ledger_exact(table, total)
     print(f"transactions: {counts}; ledger entries: {len(entries)}")
 
 

@@ -154,3 +154,32 @@ def test_a_stalled_partition_is_named_beside_its_worker() -> None:
     }
     text = read(render(data)).text
     assert "not ready" in text and "stalled wal-ingest/3: 75 s" in text
+
+
+def test_partitions_short_of_replicas_are_named_with_their_leader_and_isr() -> None:
+    from app.engine.replicas import summarize
+
+    described = [
+        {
+            "error_code": 0,
+            "topic": "wal-ingest",
+            "partitions": [
+                {"partition": 0, "leader": 1, "replicas": [1, 2, 3], "isr": [1, 2, 3]},
+                {"partition": 1, "leader": 2, "replicas": [2, 3, 1], "isr": [2, 3]},
+                {"partition": 2, "leader": 3, "replicas": [3, 1, 2], "isr": [3]},
+                {"partition": 3, "leader": -1, "replicas": [1, 2, 3], "isr": [1]},
+            ],
+        },
+        {"error_code": 3, "topic": "wal-gone", "partitions": []},
+    ]
+    kafka = {**summarize(described), "ageSeconds": 4.2}
+    assert kafka["partitions"] == 4
+    assert [kafka[s]["count"] for s in ("offline", "underMinIsr", "underReplicated")] == [1, 2, 3]
+    text = read(render(fleet_data(kafka=kafka))).text
+    assert "Kafka partitions (4 of the fleet's topics, described 4.2 s ago)" in text
+    assert "offline (no leader) 1 wal-ingest/3 (-1, 1/3)" in text
+    assert "under min ISR (writes refused) 2 wal-ingest/2 (3, 1/3), wal-ingest/3" in text
+    assert "under-replicated 3 wal-ingest/1 (2, 2/3)" in text
+    healthy = read(render(fleet_data(kafka={**summarize(described[:1])}))).text
+    assert "not described yet" not in healthy
+    assert "not described yet" in read(render(fleet_data())).text
