@@ -24,7 +24,6 @@ from typing import Literal
 
 import orjson
 
-from app.engine.admin import durability
 from app.engine.changelog import changelog_record
 from app.fleet import fleet, settings
 from app.names import Record
@@ -35,7 +34,6 @@ ordering = fleet.Table(
     value_type=bytes,
     partitions=settings.partitions,
     use_partitioner=True,
-    extra_topic_configs=durability(settings),
     help="Blocked keys of ordering=key namespaces: sequence numbers per target.",
 )
 

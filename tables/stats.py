@@ -41,7 +41,6 @@ from typing import Any
 
 import orjson
 
-from app.engine.admin import durability
 from app.fleet import fleet, settings
 from app.names import NAMESPACE, Record
 from app.sketch import (
@@ -84,7 +83,6 @@ stats = fleet.Table(
     value_type=bytes,
     partitions=settings.partitions,
     use_partitioner=True,
-    extra_topic_configs=durability(settings),
     help="Per-namespace totals, minute buckets and latency sketches (from wal-stats).",
 )
 

@@ -29,7 +29,6 @@ from typing import Any, Literal
 
 import orjson
 
-from app.engine.admin import durability
 from app.engine.changelog import changelog_record
 from app.fleet import fleet, settings
 from app.names import Record
@@ -41,7 +40,6 @@ transactions = fleet.Table(
     value_type=bytes,
     partitions=settings.partitions,
     use_partitioner=True,
-    extra_topic_configs=durability(settings),
     help="Transactions by id: status, mutations and their outcomes.",
 )
 

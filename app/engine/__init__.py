@@ -28,6 +28,8 @@ Around it:
   with the batch; :mod:`app.engine.changelog` - table state written with the batch.
 * :mod:`app.engine.parking` - a delay tier's partition paused while its head sleeps,
   sought back and resumed before it wakes.
+* :mod:`app.engine.nodes` - a broker whose request timed out is left alone for a while by
+  the worker's Kafka clients, not reconnected to one timeout after another.
 * :mod:`app.engine.reading` - a topic (or partitions) read to its end, outside any group;
   :mod:`app.engine.clients` - plain clients and the security every client shares;
   :mod:`app.engine.admin` - the fleet's topics created with their settings.

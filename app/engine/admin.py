@@ -21,11 +21,12 @@ from app.settings import Settings
 log = logging.getLogger("wal.topics")
 
 
-def durability(s: Settings) -> dict[str, str]:
-    """Topic configs every topic the fleet creates has (its own, and Faust's changelogs): an
-    ``acks=all`` write is on two replicas before it is acknowledged, wherever there are
+def durability(replication: int) -> dict[str, str]:
+    """Topic configs every topic the fleet creates has (its own here, and every topic Faust
+    declares, changelogs and all, through :class:`app.engine.consumer.StrictTransport`): an
+    ``acks=all`` write is on two replicas before it is acknowledged, wherever the topic has
     more than one (``WAL_REPLICATION_FACTOR``), whatever the brokers' default."""
-    return {"min.insync.replicas": str(min(2, s.replication_factor))}
+    return {"min.insync.replicas": str(min(2, replication))}
 
 
 async def ensure_topics(s: Settings, *, timeout: float = 30.0) -> list[str]:
@@ -42,7 +43,10 @@ async def ensure_topics(s: Settings, *, timeout: float = 30.0) -> list[str]:
         for role, name in topic_names(s).items():
             if name in existing:
                 continue
-            configs = {**durability(s), "max.message.bytes": str(TOPIC_MAX_MESSAGE_BYTES)}
+            configs = {
+                **durability(s.replication_factor),
+                "max.message.bytes": str(TOPIC_MAX_MESSAGE_BYTES),
+            }
             if role == "namespaces":
                 configs["cleanup.policy"] = "compact"
             if role == "status":  # history for GET /wal/messages/{id}, then gone

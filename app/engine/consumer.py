@@ -39,13 +39,18 @@ from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
 from app import metrics
+from app.engine.admin import durability
 from app.engine.fetching import FetchingConsumer, KeepingFlowControl
 from app.engine.lanes import Chunk, lanes_of
+from app.engine.nodes import shun_hung_nodes
 
 log = logging.getLogger("wal.consumer")
 
 
 class StrictConsumer(FetchingConsumer):
+    def _new_consumer_thread(self) -> driver.AIOKafkaConsumerThread:
+        return ShunningConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
     @property
     def held(self) -> dict[TP, float]:
         """Partitions whose commits wait for a record, and since when (monotonic)."""
@@ -304,8 +309,35 @@ class StrictConsumer(FetchingConsumer):
 LIVELOCK_CHECK_S = 30.0
 
 
+class ShunningConsumerThread(driver.AIOKafkaConsumerThread):
+    """Faust's consumer thread, its client leaving hung brokers alone (:mod:`.nodes`)."""
+
+    def _create_consumer(self, loop: asyncio.AbstractEventLoop) -> Any:
+        consumer = super()._create_consumer(loop)
+        shun_hung_nodes(consumer._client)
+        return consumer
+
+
+class ShunningProducer(driver.Producer):
+    """Faust's producer, its client leaving hung brokers alone (:mod:`.nodes`)."""
+
+    def _new_producer(self, transactional_id: str | None = None) -> Any:
+        producer = super()._new_producer(transactional_id)
+        shun_hung_nodes(producer.client)
+        return producer
+
+
 class StrictTransport(driver.Transport):
     Consumer = StrictConsumer
+    Producer = ShunningProducer
+
+    async def _create_topic(
+        self, owner: Any, client: Any, topic: str, partitions: int, replication: int, **kw: Any
+    ) -> None:
+        """Every topic Faust declares (changelogs, repartition topics) with the fleet's
+        durability configs: one place, so a table added later cannot forget them."""
+        kw["config"] = {**durability(replication), **(kw.get("config") or {})}
+        await super()._create_topic(owner, client, topic, partitions, replication, **kw)
 
 
 def install(app: Any, *, busy_fetch: tuple[int, int] | None = None) -> None:

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
+from faust.transport.drivers import aiokafka as driver
 from faust.types import TP
 from intervaltree import IntervalTree
 
-from app.engine.consumer import StrictConsumer
+from app.engine.consumer import StrictConsumer, StrictTransport
 
 TP0 = TP("wal-ingest", 0)
 
@@ -440,3 +441,25 @@ async def test_a_partition_whose_rebalance_seek_never_happened_is_sought_by_heal
     c.__dict__["_unsought_since"][TP0] -= 11
     assert await c.heal(after=10) == [TP0]
     assert sought == [(TP0, 10)] and c.guard.frontier(TP0) == 10 and c._next[TP0] == 10
+
+
+async def test_every_topic_faust_declares_gets_the_fleets_durability(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Changelogs of any table (one added later included) and repartition topics: the
+    transport adds ``min.insync.replicas`` to what Faust asks for, keeping Faust's own."""
+    declared: list[tuple[str, int, dict[str, str]]] = []
+
+    async def create(
+        self: object, owner: object, client: object, topic: str, partitions: int, n: int, **kw
+    ) -> None:
+        declared.append((topic, n, kw["config"]))
+
+    monkeypatch.setattr(driver.Transport, "_create_topic", create)
+    transport = StrictTransport.__new__(StrictTransport)
+    await transport._create_topic(None, None, "t-changelog", 8, 3, config={"cleanup.policy": "x"})
+    await transport._create_topic(None, None, "t-repartition", 8, 1, config=None)
+    assert declared == [
+        ("t-changelog", 3, {"min.insync.replicas": "2", "cleanup.policy": "x"}),
+        ("t-repartition", 1, {"min.insync.replicas": "1"}),
+    ]

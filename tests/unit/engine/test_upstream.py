@@ -935,9 +935,13 @@ PINS: tuple[Pin, ...] = (
         "aiokafka.producer.producer.AIOKafkaProducer.__init__",
         "fd6f2966fb3dc883ffcd325fe27b2580f005c3246bec5f20fc8412b2134f6180",
         RELIES,
-        ("app.engine.producing:_chooser",),
-        "it sets _metadata (the client's cluster) and _partitioner, read by _chooser",
-        ("test_a_key_stays_in_order_through_failures_while_others_flow",),
+        ("app.engine.producing:_chooser", "app.engine.consumer:ShunningProducer._new_producer"),
+        "it sets _metadata (the client's cluster) and _partitioner, read by _chooser, and "
+        "client, the AIOKafkaClient whose hung nodes are left alone",
+        (
+            "test_a_key_stays_in_order_through_failures_while_others_flow",
+            "test_a_node_paused_past_its_session_timeout_then_resumed",
+        ),
     ),
     Pin(
         "aiokafka.producer.producer.AIOKafkaProducer._partition",
@@ -1025,6 +1029,83 @@ PINS: tuple[Pin, ...] = (
         (
             "test_fetches_are_patient_only_while_the_worker_is_busy",
             "test_a_rebalance_fetches_as_busy_for_a_while_whatever_the_rate",
+        ),
+    ),
+    # -- hung brokers left alone (app.engine.nodes) ----------------------------------------
+    Pin(
+        "aiokafka.client.AIOKafkaClient._get_conn",
+        "68ce5d8391719d3334eeee4c7d374d6ebb7eda5e6d402b2ada8c99725acae711",
+        OVERRIDES,
+        ("app.engine.nodes:shun_hung_nodes",),
+        "wrapped per client: a node that hung lately gets None, which every caller takes "
+        "as a node it cannot reach (ready() is False, metadata asks another node); keyword "
+        "arguments group and no_hint passed through",
+        (
+            "test_a_request_that_timed_out_keeps_new_connections_away",
+            "test_a_connection_attempt_that_hung_to_its_deadline_counts",
+            "test_a_node_paused_past_its_session_timeout_then_resumed",
+        ),
+    ),
+    Pin(
+        "aiokafka.client.AIOKafkaClient._on_connection_closed",
+        "36f8c06a62fe343a37931d60230db17e53615ce50441c4eab6f8bff608e57e02",
+        OVERRIDES,
+        ("app.engine.nodes:shun_hung_nodes",),
+        "wrapped per client before any connection exists (_get_conn passes it to each new "
+        "connection as on_close): a close for CONNECTION_TIMEOUT marks the node hung, then "
+        "aiokafka's own callback runs",
+        (
+            "test_a_request_that_timed_out_keeps_new_connections_away",
+            "test_a_node_paused_past_its_session_timeout_then_resumed",
+        ),
+    ),
+    Pin(
+        "aiokafka.client.AIOKafkaClient.send",
+        "246b277687d7b687d79fd81f0a9718633b61a5ead0a1e9898419a1151ae3a91d",
+        RELIES,
+        ("app.engine.nodes:shun_hung_nodes",),
+        "a request that times out closes its connection with CONNECTION_TIMEOUT, still in "
+        "_conns under its (node, group) key when on_close runs",
+        (
+            "test_a_request_that_timed_out_keeps_new_connections_away",
+            "test_a_node_paused_past_its_session_timeout_then_resumed",
+        ),
+    ),
+    Pin(
+        "aiokafka.client.AIOKafkaClient._metadata_update",
+        "06dc51ed3e0d38b8d64100fd59012f399b2235c2f4804dfd142fcec397412fda",
+        RELIES,
+        ("app.engine.nodes:shun_hung_nodes",),
+        "it asks the known nodes in random order, each through _get_conn, skipping one it "
+        "gets None for: a hung node is skipped at once instead of after a request timeout",
+        ("test_a_node_paused_past_its_session_timeout_then_resumed",),
+    ),
+    Pin(
+        "faust.transport.drivers.aiokafka.AIOKafkaConsumerThread._create_consumer",
+        "a4dc6ba0681a298c05d60994890984fe35edee17dea101f8071da9456700c238",
+        RELIES,
+        ("app.engine.consumer:ShunningConsumerThread._create_consumer",),
+        "every consumer of a worker is made here (worker and client-only)",
+        ("test_a_node_paused_past_its_session_timeout_then_resumed",),
+    ),
+    Pin(
+        "faust.transport.drivers.aiokafka.Producer._new_producer",
+        "e72355c3430ed02f5202c83e2f5ef7daf484f33aa40e62f98fe3adec3e18aa17",
+        RELIES,
+        ("app.engine.consumer:ShunningProducer._new_producer",),
+        "every producer of the app is made here (the transactional ones included)",
+        ("test_a_node_paused_past_its_session_timeout_then_resumed",),
+    ),
+    Pin(
+        "faust.transport.drivers.aiokafka.Transport._create_topic",
+        "5e1966c11a52b515d86c8ff9be5277eed3ece22dd0ce077811467da043651cf0",
+        OVERRIDES,
+        ("app.engine.consumer:StrictTransport._create_topic",),
+        "every topic Faust declares (from its consumer and its producer) passes here with "
+        "its replication and config keyword: the fleet's durability configs are added",
+        (
+            "test_every_topic_faust_declares_gets_the_fleets_durability",
+            "test_the_leader_of_most_ingest_partitions_killed_and_restarted",
         ),
     ),
 )

@@ -1,0 +1,92 @@
+"""Brokers that hang are left alone for a while, not reconnected to at once.
+
+A broker that hangs rather than dies (SIGSTOP, a long GC pause, a network partition
+that leaves connections open) accepts TCP connections - the kernel completes them - and
+then answers nothing. aiokafka closes a connection whose request timed out, and the next
+request for that node opens a new one, which takes a whole request timeout more to fail
+(the ApiVersions handshake never answers). Its client makes connections one at a time,
+under one lock, and picks the node for a metadata request at random: one hung node costs
+every request of the client that needs a new connection, and the metadata that would
+route around the node, one timeout after another. In the SIGSTOP test that was 30 s of no
+progress for a node the cluster had fenced, and moved every partition off, after 9 s.
+
+:func:`shun_hung_nodes` changes one client: a node whose request or connection attempt
+timed out is not connected to again for :data:`COOL_OFF_S` (the client's own request
+timeout, when that is shorter). Asked for a connection to it meanwhile, the client
+answers as it does for a node it cannot reach: metadata comes from another node,
+and a request to it fails with ``NodeNotReadyError`` at once, to be retried after
+a metadata refresh, by then routed to the partitions' new leaders. With one broker
+known there is nothing to route to, and nothing is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from time import monotonic
+from typing import Any
+
+from aiokafka.conn import CloseReason
+
+log = logging.getLogger("wal.kafka")
+
+#: How long a node whose request timed out is not connected to again (seconds): longer
+#: than brokers take to fence a node that stopped heartbeating (9 s by default).
+COOL_OFF_S = 15.0
+#: A connection attempt that fails after this share of the request timeout hung.
+HUNG_SHARE = 0.9
+
+
+class HungNodes:
+    """The nodes of one client that hung lately, and until when they are left alone."""
+
+    def __init__(self, cool_off_s: float) -> None:
+        self.cool_off_s = cool_off_s
+        self.until: dict[Any, float] = {}
+
+    def hung(self, node_id: Any, now: float | None = None) -> None:
+        at = monotonic() if now is None else now
+        if node_id not in self.until or self.until[node_id] <= at:
+            log.warning(
+                "Kafka node %s did not answer in time: not connecting to it for %.0f s",
+                node_id,
+                self.cool_off_s,
+            )
+        self.until[node_id] = at + self.cool_off_s
+
+    def shunned(self, node_id: Any, known: int, now: float | None = None) -> bool:
+        """Whether to refuse a new connection to ``node_id`` (``known`` brokers in metadata)."""
+        until = self.until.get(node_id)
+        if until is None:
+            return False
+        if until <= (monotonic() if now is None else now):
+            del self.until[node_id]
+            return False
+        return known > 1
+
+
+def shun_hung_nodes(client: Any, cool_off_s: float = COOL_OFF_S) -> HungNodes:
+    """Make ``client`` (an ``aiokafka.client.AIOKafkaClient``) leave hung nodes alone."""
+    timeout_s = client._request_timeout_ms / 1000
+    nodes = HungNodes(min(cool_off_s, timeout_s))
+    get_conn = client._get_conn
+    on_closed = client._on_connection_closed
+
+    async def _get_conn(node_id: Any, **kw: Any) -> Any:
+        if nodes.shunned(node_id, len(client.cluster.brokers())):
+            return None  # as for a node it cannot reach: NodeNotReadyError, metadata elsewhere
+        began = monotonic()
+        conn = await get_conn(node_id, **kw)
+        if conn is None and monotonic() - began >= HUNG_SHARE * timeout_s:
+            nodes.hung(node_id)  # connected, then the handshake never answered
+        return conn
+
+    def _on_connection_closed(conn: Any, reason: Any) -> None:
+        if reason == CloseReason.CONNECTION_TIMEOUT:
+            for (node_id, _group), open_ in list(client._conns.items()):
+                if open_ is conn:
+                    nodes.hung(node_id)
+        on_closed(conn, reason)
+
+    client._get_conn = _get_conn
+    client._on_connection_closed = _on_connection_closed
+    return nodes

@@ -1,0 +1,84 @@
+"""Hung brokers left alone for a while (:mod:`app.engine.nodes`), on a stand-in client; the
+SIGSTOP cluster test (``test_a_node_paused_past_its_session_timeout_then_resumed``) is
+the proof on real brokers."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from aiokafka.conn import CloseReason
+
+from app.engine.nodes import HungNodes, shun_hung_nodes
+
+
+class Client:
+    """What :func:`shun_hung_nodes` uses of an ``AIOKafkaClient``."""
+
+    def __init__(self, brokers: int = 3, timeout_s: float = 0.2) -> None:
+        self._request_timeout_ms = int(timeout_s * 1000)
+        self._conns: dict[tuple[Any, int], object] = {}
+        self.cluster = SimpleNamespace(brokers=lambda: set(range(brokers)))
+        self.asked: list[Any] = []
+        self.closed: list[tuple[object, Any]] = []
+        self.hanging: set[Any] = set()
+
+    async def _get_conn(self, node_id: Any, *, group: int = 0) -> object | None:
+        self.asked.append(node_id)
+        if node_id in self.hanging:
+            await asyncio.sleep(self._request_timeout_ms / 1000)
+            return None
+        conn = self._conns[(node_id, group)] = object()
+        return conn
+
+    def _on_connection_closed(self, conn: object, reason: Any) -> None:
+        self.closed.append((conn, reason))
+
+
+def test_a_node_is_left_alone_until_its_cool_off_ends() -> None:
+    nodes = HungNodes(10.0)
+    nodes.hung(2, now=100.0)
+    assert nodes.shunned(2, known=3, now=105.0)
+    assert not nodes.shunned(1, known=3, now=105.0)
+    assert not nodes.shunned(2, known=3, now=110.0)
+    assert 2 not in nodes.until  # forgotten: a later hang starts a new cool-off
+
+
+def test_with_one_broker_known_nothing_is_refused() -> None:
+    nodes = HungNodes(10.0)
+    nodes.hung(0, now=100.0)
+    assert not nodes.shunned(0, known=1, now=101.0)
+
+
+async def test_a_request_that_timed_out_keeps_new_connections_away() -> None:
+    client = Client()
+    nodes = shun_hung_nodes(client, cool_off_s=30.0)
+    assert nodes.cool_off_s == 0.2  # never longer than the client's own request timeout
+    conn = await client._get_conn(1)
+    assert conn is not None
+    client._on_connection_closed(conn, CloseReason.CONNECTION_TIMEOUT)
+    assert client.closed == [(conn, CloseReason.CONNECTION_TIMEOUT)]  # aiokafka's still runs
+    assert await client._get_conn(1) is None
+    assert await client._get_conn(2) is not None
+    assert client.asked == [1, 2]  # node 1 was not asked again
+    await asyncio.sleep(0.25)
+    assert await client._get_conn(1) is not None
+
+
+async def test_a_connection_closed_for_another_reason_is_no_hang() -> None:
+    client = Client()
+    shun_hung_nodes(client)
+    conn = await client._get_conn(1)
+    client._on_connection_closed(conn, CloseReason.CONNECTION_BROKEN)
+    assert await client._get_conn(1) is not None
+
+
+async def test_a_connection_attempt_that_hung_to_its_deadline_counts() -> None:
+    client = Client(timeout_s=0.05)
+    shun_hung_nodes(client)
+    client.hanging.add(1)
+    assert await client._get_conn(1) is None  # took the whole timeout
+    client.hanging.clear()
+    assert await client._get_conn(1) is None  # refused at once
+    assert client.asked == [1]
