@@ -226,28 +226,19 @@ async def _finish(batch: Batch, follow_ups: list[Record]) -> None:
     )
 
 
-def _withdrawn(
+def _kept_back(
     write: tuple[Item, str],
     states: dict[bytes, dict[str, ordering.KeyState]],
     follow_ups: list[Record],
 ) -> bool:
-    """Take a cancelled message's write out (its status: cancelled); say whether it was."""
+    """Take a cancelled message's write out (its status: cancelled), or hold a write back
+    while its namespace or target is paused; say whether it was."""
     item, identifier = write
-    if not item.cancelled:
-        return False
-    record = withdraw(item, identifier, states)
-    if record is not None:
-        follow_ups.append(record)
-    return True
-
-
-def _held(
-    write: tuple[Item, str],
-    states: dict[bytes, dict[str, ordering.KeyState]],
-    follow_ups: list[Record],
-) -> bool:
-    """Hold a write back while its namespace or target is paused; say whether it was."""
-    item, identifier = write
+    if item.cancelled:
+        record = withdraw(item, identifier, states)
+        if record is not None:
+            follow_ups.append(record)
+        return True
     assert item.namespace is not None
     if pause_of(item.namespace, item.namespace.target(identifier)) is None:
         return False
@@ -401,8 +392,7 @@ async def _deliver_all(items: list[Item]) -> tuple[list[Record], list[Call]]:
     while pending:
         going, pending = wave(pending)
         going = [w for w in going if not parked(w, states, follow_ups)]
-        going = [w for w in going if not _withdrawn(w, states, follow_ups)]
-        going = [w for w in going if not _held(w, states, follow_ups)]
+        going = [w for w in going if not _kept_back(w, states, follow_ups)]
         groups: dict[tuple[str, str], list[Item]] = defaultdict(list)
         for item, identifier in going:
             assert item.namespace is not None
