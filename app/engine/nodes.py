@@ -1,4 +1,4 @@
-"""Brokers that hang are left alone for a while, not reconnected to at once.
+"""Brokers that hang are left alone for a while, not reconnected to again and again.
 
 A broker that hangs rather than dies (SIGSTOP, a long GC pause, a network partition
 that leaves connections open) accepts TCP connections - the kernel completes them - and
@@ -10,17 +10,26 @@ every request of the client that needs a new connection, and the metadata that w
 route around the node, one timeout after another. In the SIGSTOP test that was 30 s of no
 progress for a node the cluster had fenced, and moved every partition off, after 9 s.
 
-:func:`shun_hung_nodes` changes one client: a node whose request or connection attempt
-timed out is not connected to again for :data:`COOL_OFF_S` (the client's own request
-timeout, when that is shorter). Asked for a connection to it meanwhile, the client
-answers as it does for a node it cannot reach: metadata comes from another node,
-and a request to it fails with ``NodeNotReadyError`` at once, to be retried after
-a metadata refresh, by then routed to the partitions' new leaders. With one broker
-known there is nothing to route to, and nothing is refused.
+A timed-out request alone does not tell a hung broker from a busy one: an ``acks=all``
+produce waits on the broker while a dead follower is dropped from the in-sync replicas,
+and can outlast the client's deadline on a broker that answers anything else at once.
+So :func:`shun_hung_nodes` changes one client this way:
+
+* a node whose request timed out is *suspect*: the next connection to it must be made
+  within :data:`PROBE_S` (a broker that is alive answers the handshake in milliseconds);
+* a node that fails that, or whose connection attempt took the whole request timeout,
+  *hung*: no connection to it for :data:`COOL_OFF_S` (the client's request timeout, when
+  that is shorter). Asked for one meanwhile, the client answers as for a node it cannot
+  reach: metadata comes from another node, and a request to it fails with
+  ``NodeNotReadyError`` at once, to be retried after a metadata refresh, by then routed
+  to the partitions' new leaders.
+
+With one broker known there is nothing to route to, and nothing is refused or cut short.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from time import monotonic
 from typing import Any
@@ -29,25 +38,39 @@ from aiokafka.conn import CloseReason
 
 log = logging.getLogger("wal.kafka")
 
-#: How long a node whose request timed out is not connected to again (seconds): longer
-#: than brokers take to fence a node that stopped heartbeating (9 s by default).
+#: How long a hung node is not connected to again (seconds): longer than brokers take to
+#: fence a node that stopped heartbeating (9 s by default).
 COOL_OFF_S = 15.0
+#: How long a new connection to a suspect node may take before the node counts as hung.
+PROBE_S = 3.0
 #: A connection attempt that fails after this share of the request timeout hung.
 HUNG_SHARE = 0.9
 
 
 class HungNodes:
-    """The nodes of one client that hung lately, and until when they are left alone."""
+    """The nodes of one client that timed out (suspect) or hung lately, and until when."""
 
     def __init__(self, cool_off_s: float) -> None:
         self.cool_off_s = cool_off_s
+        self.suspect: dict[Any, float] = {}
         self.until: dict[Any, float] = {}
+
+    def timed_out(self, node_id: Any, now: float | None = None) -> None:
+        """A request to ``node_id`` got no answer in time: its next connection is a probe."""
+        self.suspect[node_id] = (monotonic() if now is None else now) + self.cool_off_s
+
+    def is_suspect(self, node_id: Any, now: float | None = None) -> bool:
+        return self.suspect.get(node_id, 0.0) > (monotonic() if now is None else now)
+
+    def answered(self, node_id: Any) -> None:
+        self.suspect.pop(node_id, None)
 
     def hung(self, node_id: Any, now: float | None = None) -> None:
         at = monotonic() if now is None else now
+        self.suspect.pop(node_id, None)
         if node_id not in self.until or self.until[node_id] <= at:
             log.warning(
-                "Kafka node %s did not answer in time: not connecting to it for %.0f s",
+                "Kafka node %s does not answer: not connecting to it for %.0f s",
                 node_id,
                 self.cool_off_s,
             )
@@ -72,8 +95,18 @@ def shun_hung_nodes(client: Any, cool_off_s: float = COOL_OFF_S) -> HungNodes:
     on_closed = client._on_connection_closed
 
     async def _get_conn(node_id: Any, **kw: Any) -> Any:
-        if nodes.shunned(node_id, len(client.cluster.brokers())):
+        known = len(client.cluster.brokers())
+        if nodes.shunned(node_id, known):
             return None  # as for a node it cannot reach: NodeNotReadyError, metadata elsewhere
+        if known > 1 and nodes.is_suspect(node_id):
+            try:  # a connection it has is returned at once; a new one is the probe
+                conn = await asyncio.wait_for(get_conn(node_id, **kw), PROBE_S)
+            except TimeoutError:  # connect() closes what it opened when cancelled
+                nodes.hung(node_id)
+                return None
+            if conn is not None:
+                nodes.answered(node_id)
+            return conn
         began = monotonic()
         conn = await get_conn(node_id, **kw)
         if conn is None and monotonic() - began >= HUNG_SHARE * timeout_s:
@@ -84,7 +117,7 @@ def shun_hung_nodes(client: Any, cool_off_s: float = COOL_OFF_S) -> HungNodes:
         if reason == CloseReason.CONNECTION_TIMEOUT:
             for (node_id, _group), open_ in list(client._conns.items()):
                 if open_ is conn:
-                    nodes.hung(node_id)
+                    nodes.timed_out(node_id)
         on_closed(conn, reason)
 
     client._get_conn = _get_conn

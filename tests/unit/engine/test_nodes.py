@@ -5,11 +5,14 @@ the proof on real brokers."""
 from __future__ import annotations
 
 import asyncio
+from time import monotonic
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from aiokafka.conn import CloseReason
 
+import app.engine.nodes as nodes_module
 from app.engine.nodes import HungNodes, shun_hung_nodes
 
 
@@ -51,19 +54,40 @@ def test_with_one_broker_known_nothing_is_refused() -> None:
     assert not nodes.shunned(0, known=1, now=101.0)
 
 
-async def test_a_request_that_timed_out_keeps_new_connections_away() -> None:
-    client = Client()
+async def test_a_node_whose_request_timed_out_and_that_does_not_answer_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(nodes_module, "PROBE_S", 0.05)
+    client = Client(timeout_s=0.2)
     nodes = shun_hung_nodes(client, cool_off_s=30.0)
     assert nodes.cool_off_s == 0.2  # never longer than the client's own request timeout
     conn = await client._get_conn(1)
     assert conn is not None
     client._on_connection_closed(conn, CloseReason.CONNECTION_TIMEOUT)
     assert client.closed == [(conn, CloseReason.CONNECTION_TIMEOUT)]  # aiokafka's still runs
-    assert await client._get_conn(1) is None
+    client.hanging.add(1)
+    began = monotonic()
+    assert await client._get_conn(1) is None  # the probe: cut short, not the whole timeout
+    assert monotonic() - began < 0.15
+    assert await client._get_conn(1) is None  # refused at once
     assert await client._get_conn(2) is not None
-    assert client.asked == [1, 2]  # node 1 was not asked again
+    assert client.asked == [1, 1, 2]  # the first connection, the probe; then not again
+    client.hanging.clear()
     await asyncio.sleep(0.25)
     assert await client._get_conn(1) is not None
+
+
+async def test_a_node_whose_request_timed_out_but_that_answers_is_not_left_alone() -> None:
+    """A broker holding an ``acks=all`` produce past the deadline (a follower died) is busy,
+    not hung: its next connection is made, and it stays in use."""
+    client = Client()
+    nodes = shun_hung_nodes(client)
+    conn = await client._get_conn(1)
+    client._on_connection_closed(conn, CloseReason.CONNECTION_TIMEOUT)
+    assert nodes.is_suspect(1)
+    assert await client._get_conn(1) is not None
+    assert not nodes.is_suspect(1)
+    assert not nodes.until
 
 
 async def test_a_connection_closed_for_another_reason_is_no_hang() -> None:
