@@ -58,12 +58,20 @@ def gate(
     """
     if state is None:
         return "deliver", None, None  # not blocked (a carried number is stale: released)
-    seq = seq if seq is not None else state.ids.get(message_id)
+    if seq is None:
+        seq = state.ids.get(message_id)
+    elif state.ids.get(message_id) != seq:
+        # A number this state does not hold for it: released already (a replay), or
+        # handed out by an earlier state of the key, dropped once all its numbers were
+        # released (a stale copy). Either way the write is done: it goes (targets dedupe)
+        # holding no number, so it releases none - it must not move ``next`` past a write
+        # that holds that number now.
+        return "deliver", state, None
     if seq is None:  # a new write behind a blocked key: take the next number, wait
         state.last += 1
         state.ids[message_id] = state.last
         return "park", state, state.last
-    if seq == state.next or seq < state.next:  # its turn, or a replay of a released one
+    if seq <= state.next:  # its turn
         return "deliver", state, seq
     return "park", state, seq
 
