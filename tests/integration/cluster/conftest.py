@@ -24,7 +24,7 @@ from app.ops import stack
 from app.settings import Settings
 from tests.integration import harness
 from tests.integration.conftest import private_stack, thaw_and_stop
-from tests.integration.harness import Fleet, Worker, delete_topics, eventually, pg_count
+from tests.integration.harness import ROOT, Fleet, Worker, delete_topics, eventually, pg_count
 
 #: DescribeConfigs' source of a value set on the topic itself (DYNAMIC_TOPIC_CONFIG).
 TOPIC_CONFIG = 1
@@ -247,3 +247,15 @@ def requests(run: str, total: int, namespace: str = "orders") -> list[bytes]:
         )
         for i in range(total)
     ]
+
+
+#: Where each fault test's measurements are kept too (``pytest`` shows them only with ``-s``).
+REPORT = ROOT / "var" / "cluster-recovery.log"
+
+
+def report(line: str) -> None:
+    """Print a fault test's measurements and append them to :data:`REPORT`, dated."""
+    print(f"\n{line}")
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    with REPORT.open("a") as out:
+        out.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.integration.cluster.conftest import Cluster, Rows, reported, requests, steady
+from tests.integration.cluster.conftest import (
+    Cluster,
+    Rows,
+    report,
+    reported,
+    requests,
+    steady,
+)
 from tests.integration.harness import (
     Fleet,
     Worker,
@@ -115,8 +122,8 @@ async def test_the_leader_of_most_ingest_partitions_killed_and_restarted(
     await reported(s.worker, short=False, timeout=90)
     in_sync = time.monotonic() - back
     recovery = s.rows.recovery(killed)
-    print(
-        f"\nleader SIGKILL: node {leader} (led {led} of {fleet.partitions} ingest partitions) "
+    report(
+        f"leader SIGKILL: node {leader} (led {led} of {fleet.partitions} ingest partitions) "
         f"killed at {at_kill} of {TOTAL} rows; readiness showed "
         f"{shown['underReplicated']['count']} partitions under-replicated, "
         f"{shown['offline']['count']} offline; first row after the kill "
@@ -139,8 +146,8 @@ async def test_the_group_coordinators_node_killed(fleet: Fleet, cluster: Cluster
     assert moved_to != node
     recovery = s.rows.recovery(killed)
     await cluster.start_all()
-    print(
-        f"\ncoordinator SIGKILL: node {node} killed at {at_kill} of {TOTAL} rows, the group "
+    report(
+        f"coordinator SIGKILL: node {node} killed at {at_kill} of {TOTAL} rows, the group "
         f"moved to node {moved_to}; first row after the kill {recovery['first_row_s']} s, "
         f"longest pause {recovery['longest_pause_s']} s; slowest client ack {worst_ack:.1f} s; "
         f"{TOTAL} rows, none doubled, every record committed with the node still down"
@@ -168,8 +175,8 @@ async def test_a_node_paused_past_its_session_timeout_then_resumed(
         return await cluster.fully_replicated(f"{fleet.prefix}-")
 
     await eventually(in_sync, timeout=90, interval=1.0, what="the paused node in sync again")
-    print(
-        f"\nnode SIGSTOP: node {node} paused {PAUSE_S:.0f} s at {at_pause} of {TOTAL} rows; "
+    report(
+        f"node SIGSTOP: node {node} paused {PAUSE_S:.0f} s at {at_pause} of {TOTAL} rows; "
         f"first row {during['first_row_s']} s after the pause (longest pause while it was "
         f"paused {during['longest_pause_s']} s); after SIGCONT longest pause "
         f"{after['longest_pause_s']} s; slowest client ack {worst_ack:.1f} s; {TOTAL} rows, "
@@ -226,8 +233,8 @@ async def test_transfers_all_end_with_a_node_down_for_a_minute(
     await eventually(drained, timeout=60, what="every topic committed to its end")
     entries = ledger_exact(table, TRANSFERS)
     worker.assert_alive()
-    print(
-        f"\ntransactions, node {node} (leading most txn-events partitions) down {DOWN_S:.0f} s: "
+    report(
+        f"transactions, node {node} (leading most txn-events partitions) down {DOWN_S:.0f} s: "
         f"{at_kill} ledger entries at the kill, {entries_down} once all {TRANSFERS} transfers were "
         f"sent (slowest client ack {worst_ack:.1f} s); every transaction ended {ended:.1f} s "
         f"after the kill, the node still down: {counts}, and stayed so once it was back; "
