@@ -150,6 +150,13 @@ class Settings(BaseSettings):
     producer_linger_ms: int = Field(default=5, ge=0)
     """WAL_PRODUCER_LINGER_MS: producer linger; batches records sent together."""
 
+    producer_client: Literal["aiokafka", "librdkafka"] = "librdkafka"
+    """WAL_PRODUCER_CLIENT: the Kafka client that produces the agents' records. ``librdkafka``
+    (confluent-kafka) builds batches and requests in C instead of Python; same partitions,
+    acks=all, one request in flight per connection, the same error handling
+    (``app/engine/rdkafka.py``). Experimental: the guarantee tests have not yet run on it
+    five times in a row. Faust's own writes stay on aiokafka."""
+
     delay_tiers: str = "1,5,30,120,900"
     """WAL_DELAY_TIERS: seconds of each delay tier topic (``wal-delay-<tier>``), comma-separated.
     A delayed or retried message waits in the largest tier that does not overshoot its

@@ -24,8 +24,8 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import RecordMetadata
 
-from app.engine import store
-from app.fleet import fleet
+from app.engine import rdkafka, store
+from app.fleet import fleet, settings
 from app.names import Record, dead_letter, encode_headers
 from app.topics import NAMES
 
@@ -46,15 +46,10 @@ async def emit(records: Sequence[Record]) -> int:
     of a busy agent after Faust's own (py-spy).
     """
     producer = fleet.producer._ensure_producer()  # type: ignore[attr-defined]
+    if settings.producer_client == "librdkafka":
+        return await _emit_rd(producer, records)
     groups: dict[tuple[str, int], list[Record]] = {}
-    choosers: dict[str, Callable[[bytes | None], int]] = {}
-    for record in records:
-        partition = record.partition
-        if partition is None:
-            choose = choosers.get(record.topic)
-            if choose is None:
-                choose = choosers[record.topic] = await _chooser(producer, record.topic)
-            partition = choose(record.key)
+    for record, partition in await _partitioned(producer, records):
         groups.setdefault((record.topic, partition), []).append(record)
     futures = []
     sizes: list[int] = []  # records behind each future: a batch's future has its first offset
@@ -82,6 +77,18 @@ async def emit(records: Sequence[Record]) -> int:
     return len(records)
 
 
+async def _emit_rd(producer: Any, records: Sequence[Record]) -> int:
+    """:func:`emit` through librdkafka (``WAL_PRODUCER_CLIENT=librdkafka``): partitions
+    chosen here as for aiokafka, the records' batching and requests in C."""
+    items = [
+        (r.topic, partition, r.key, r.value, encode_headers(r.headers))
+        for r, partition in await _partitioned(producer, records)
+    ]
+    last = await rdkafka.producer(settings).send(items)
+    store.note_durable(fleet.tables, ((meta, 1) for meta in last))
+    return len(records)
+
+
 async def emit_one(record: Record) -> RecordMetadata:
     """Produce one record with acks=all; its partition and offset once Kafka has it."""
     future = await fleet.producer.send(
@@ -94,6 +101,21 @@ async def emit_one(record: Record) -> RecordMetadata:
     )
     meta: RecordMetadata = await future
     return meta
+
+
+async def _partitioned(producer: Any, records: Sequence[Record]) -> list[tuple[Record, int]]:
+    """Each record with its partition: its own, or the one the fleet's partitioner picks."""
+    placed = []
+    choosers: dict[str, Callable[[bytes | None], int]] = {}
+    for record in records:
+        partition = record.partition
+        if partition is None:
+            choose = choosers.get(record.topic)
+            if choose is None:
+                choose = choosers[record.topic] = await _chooser(producer, record.topic)
+            partition = choose(record.key)
+        placed.append((record, partition))
+    return placed
 
 
 async def _chooser(producer: Any, topic: str) -> Callable[[bytes | None], int]:
