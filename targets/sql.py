@@ -53,7 +53,14 @@ from targets.base import (
     permanent,
     retryable,
 )
-from targets.sql_copy import Staging, copy_rows, copy_text, insert_new, rows_statement
+from targets.sql_copy import (
+    Staging,
+    copy_columns,
+    copy_rows,
+    copy_text,
+    insert_new,
+    rows_statement,
+)
 from targets.sql_engines import ENGINES
 from targets.sql_errors import classify
 from targets.sql_rows import Invalid, Plan, RowsSpec, by_columns, dialect_insert, runs
@@ -274,10 +281,10 @@ class SqlTarget(Target):
         """PostgreSQL: the ledger claim and every run of one operation by COPY into
         staging and one set-based statement each (:mod:`targets.sql_copy`)."""
         spec, ledger = self._rows, self._ledger.name
-        target = copy_text(self.name)
-        claims = b"".join(
-            b"%s\t%s\t%s\n" % (copy_text(p.write.namespace), target, copy_text(p.write.id))
-            for p in plans
+        writes = [p.write for p in plans]
+        claims = copy_columns(
+            [[w.namespace for w in writes], [self.name] * len(writes), [w.id for w in writes]],
+            ("value", "value", "value"),
         )
         async with self._copying(conn) as cur:
             await self._staging.load(cur, ledger, _LEDGER_COLUMNS, claims)
@@ -294,13 +301,15 @@ class SqlTarget(Target):
                 if operation in ("upsert", "update"):
                     rows = spec.merged(rows)
                 for shape in by_columns(rows):
-                    columns = sorted(shape[0])
-                    data = copy_rows(shape, columns, spec.encoders)
+                    columns = tuple(sorted(shape[0]))
+                    data = copy_rows(shape, columns, spec.kinds)
                     await self._staging.load(
                         cur, spec.table_name, columns, data, empty_first=loaded
                     )
                     loaded = True
-                    statement = rows_statement(operation, spec.table_name, spec.keys, columns)
+                    statement = rows_statement(
+                        operation, spec.table_name, tuple(spec.keys), columns
+                    )
                     await cur.execute(statement)
         return failed
 

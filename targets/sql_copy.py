@@ -18,10 +18,12 @@ target then tries each item alone, so it fails alone.
 
 from __future__ import annotations
 
+import functools
 import re
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from operator import itemgetter
+from typing import Any, Literal
 
 import orjson
 import sqlalchemy as sa
@@ -29,7 +31,7 @@ from psycopg import sql as pgsql
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
-NULL = b"\\N"
+NULL = "\\N"
 
 
 def copy_text(value: str) -> bytes:
@@ -39,27 +41,24 @@ def copy_text(value: str) -> bytes:
     return value.translate(_COPY_ESCAPES).encode()
 
 
-Encoder = Callable[[Any], bytes]
+#: How a column's values become COPY text: ``value`` (a scalar for the column's input
+#: function), ``json`` (json/jsonb: any value as JSON text) or ``array`` (a list as an
+#: array literal).
+Kind = Literal["value", "json", "array"]
+_NONE = type(None)
+#: A scalar's text by its exact type; any other type goes as ``str(value)``.
+_SCALAR_TEXT: dict[type, Callable[[Any], str]] = {
+    str: str,
+    int: int.__repr__,
+    float: float.__repr__,
+    bool: {True: "true", False: "false"}.__getitem__,
+    _NONE: {None: NULL}.__getitem__,
+}
 
 
-def copy_value(value: Any) -> bytes:
-    """A scalar JSON value in COPY's text format (NULL, true/false, number, text)."""
-    kind = type(value)
-    if kind is str:
-        return copy_text(value)
-    if value is None:
-        return NULL
-    if kind is bool:
-        return b"true" if value else b"false"
-    if kind is int or kind is float:
-        return repr(value).encode()
-    return copy_text(str(value))
-
-
-def copy_json(value: Any) -> bytes:
-    """Any value as JSON text, for a json/jsonb column (``None`` is JSON null, as
-    SQLAlchemy's JSON type stores it). JSON escapes controls: only backslashes double."""
-    return orjson.dumps(value).replace(b"\\", b"\\\\")
+def _value_text(value: Any) -> str:
+    """A scalar JSON value as COPY text, unescaped (NULL, true/false, number, text)."""
+    return _SCALAR_TEXT.get(type(value), str)(value)
 
 
 def _array_literal(value: Any) -> str:
@@ -75,32 +74,81 @@ def _array_literal(value: Any) -> str:
     return f'"{text}"'
 
 
-def copy_array(value: Any) -> bytes:
-    """A list as a PostgreSQL array literal (``{1,"a b",NULL}``), for an array column."""
-    if not isinstance(value, list):
-        return copy_value(value)
-    return copy_text(_array_literal(value))
+def _array_text(value: Any) -> str:
+    """A list as a PostgreSQL array literal (``{1,"a b",NULL}``), anything else as a scalar."""
+    return _array_literal(value) if isinstance(value, list) else _value_text(value)
 
 
-def encoders(table: sa.Table) -> dict[str, Encoder]:
-    """Each column's COPY encoder, from its reflected type."""
-    found: dict[str, Encoder] = {}
+def kinds(table: sa.Table) -> dict[str, Kind]:
+    """Each column's :data:`Kind`, from its reflected type."""
+    found: dict[str, Kind] = {}
     for column in table.columns:
         if isinstance(column.type, sa.JSON):
-            found[column.name] = copy_json
+            found[column.name] = "json"
         elif isinstance(column.type, sa.ARRAY):
-            found[column.name] = copy_array
+            found[column.name] = "array"
         else:
-            found[column.name] = copy_value
+            found[column.name] = "value"
     return found
 
 
+def _texts(values: list[Any], kind: Kind) -> tuple[list[str], int]:
+    """A column's values as unescaped COPY text, and how many are NULL (``\\N``)."""
+    if kind == "json":  # JSON null for None, as SQLAlchemy's JSON type stores it
+        return [orjson.dumps(v).decode() for v in values], 0
+    types = list(map(type, values))
+    nulls = types.count(_NONE)
+    if kind == "array":
+        return list(map(_array_text, values)), nulls
+    one = set(types)
+    if len(one) == 1 and (text := _SCALAR_TEXT.get(one.pop())) is not None:
+        return values if text is str else list(map(text, values)), nulls
+    return list(map(_value_text, values)), nulls
+
+
+def _escaped(values: list[Any], texts: list[str], kind: Kind) -> list[str]:
+    """``texts`` escaped for COPY, but for NULLs (``None`` outside a json column)."""
+    return [
+        NULL if v is None and kind != "json" else t.translate(_COPY_ESCAPES)
+        for v, t in zip(values, texts, strict=True)
+    ]
+
+
+def copy_columns(columns: Sequence[list[Any]], column_kinds: Sequence[Kind]) -> bytes:
+    """Rows given column by column (lists of one length, at least one) as COPY text.
+
+    The whole batch is joined first and escaped only if a value needs it: with no
+    value holding a backslash, tab, newline or CR, the text holds exactly one tab
+    between fields, one newline a row and one backslash a NULL, and that is what
+    the counts check (escaping each value costs several times the rest).
+    """
+    found = [_texts(values, kind) for values, kind in zip(columns, column_kinds, strict=True)]
+    texts = [t for t, _ in found]
+    body = _lines(texts)
+    rows, width = len(columns[0]), len(columns)
+    if (
+        body.count("\\") != sum(n for _, n in found)
+        or body.count("\t") != rows * (width - 1)
+        or body.count("\n") != rows
+        or "\r" in body
+    ):
+        escaped = [_escaped(*c) for c in zip(columns, texts, column_kinds, strict=True)]
+        body = _lines(escaped)
+    return body.encode()
+
+
+def _lines(texts: list[list[str]]) -> str:
+    return "\n".join(map("\t".join, zip(*texts, strict=True))) + "\n"
+
+
 def copy_rows(
-    rows: Iterable[dict[str, Any]], columns: Sequence[str], encode: Mapping[str, Encoder]
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], column_kinds: Mapping[str, Kind]
 ) -> bytes:
     """Rows (each holding every one of ``columns``) as COPY text, one line each."""
-    coders = [(c, encode.get(c, copy_value)) for c in columns]
-    return b"".join(b"\t".join([code(row[c]) for c, code in coders]) + b"\n" for row in rows)
+    return copy_columns(
+        [list(map(itemgetter(c), rows)) for c in columns],
+        [column_kinds.get(c, "value") for c in columns],
+    )
 
 
 def names(columns: Iterable[str]) -> pgsql.Composed:
@@ -126,7 +174,7 @@ class Staging:
         self,
         cur: Any,
         table: str,
-        columns: Sequence[str],
+        columns: tuple[str, ...],
         data: bytes,
         *,
         empty_first: bool = False,
@@ -145,8 +193,7 @@ class Staging:
             made.add(table)
         if empty_first:
             await cur.execute(pgsql.SQL("DELETE FROM {}").format(stage))
-        statement = pgsql.SQL("COPY {} ({}) FROM STDIN").format(stage, names(columns))
-        async with cur.copy(statement) as copy:
+        async with cur.copy(_copy_into(table, columns)) as copy:
             await copy.write(data)
         return stage
 
@@ -154,8 +201,19 @@ class Staging:
         self._made.pop(pg, None)
 
 
+@functools.lru_cache(maxsize=256)
+def _copy_into(table: str, columns: tuple[str, ...]) -> pgsql.Composed:
+    return pgsql.SQL("COPY {} ({}) FROM STDIN").format(stage_of(table), names(columns))
+
+
+# The statements are cached (a batch's few cost more to compose than to send): hence
+# tuples for arguments, and a bound for tables whose writes bring many sets of columns.
+@functools.lru_cache(maxsize=256)
 def insert_new(
-    table: str, columns: Sequence[str], conflict: Sequence[str], returning: Sequence[str] = ()
+    table: str,
+    columns: tuple[str, ...],
+    conflict: tuple[str, ...],
+    returning: tuple[str, ...] = (),
 ) -> pgsql.Composed:
     """INSERT the staged rows into ``table``, skipping those whose ``conflict`` key is
     there already; ``RETURNING`` the ``returning`` columns of the rows it inserted."""
@@ -167,8 +225,9 @@ def insert_new(
     return statement
 
 
+@functools.lru_cache(maxsize=256)
 def rows_statement(
-    operation: str, table: str, keys: Sequence[str], columns: Sequence[str]
+    operation: str, table: str, keys: tuple[str, ...], columns: tuple[str, ...]
 ) -> pgsql.Composed:
     """The set-based statement applying one staged run of ``operation`` to ``table``."""
     target, stage = pgsql.Identifier(table), stage_of(table)

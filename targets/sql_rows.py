@@ -18,9 +18,11 @@ from targets.base import (
     at_path,
     conditions_of,
 )
-from targets.sql_copy import Encoder, encoders
+from targets.sql_copy import Kind, kinds
 
 OPERATIONS = {"insert", "upsert", "update", "delete"}
+_STRUCTURED = (dict, list)
+_SCALARS = frozenset((str, int, float, bool, type(None)))  # none of them a dict or list
 
 
 class Plan(NamedTuple):
@@ -52,11 +54,21 @@ class RowsSpec:
         self.keys = keys
         self.columns = columns
         self.default_operation = operation
-        self.table: sa.Table | None = None
+        self.table = None
         #: Columns that take a JSON object or array: json/jsonb, and (arrays) array columns.
         self.structured: set[str] = set()
         #: Each column's value encoding for PostgreSQL's COPY (:mod:`targets.sql_copy`).
-        self.encoders: dict[str, Encoder] = {}
+        self.kinds: dict[str, Kind] = {}
+
+    @property
+    def table(self) -> sa.Table | None:
+        return self._table
+
+    @table.setter
+    def table(self, table: sa.Table | None) -> None:
+        self._table = table
+        #: The table's column names, looked up for every write.
+        self.names = frozenset(table.c.keys()) if table is not None else frozenset[str]()
 
     @classmethod
     def from_config(cls, name: str, config: Mapping[str, Any]) -> RowsSpec:
@@ -74,7 +86,7 @@ class RowsSpec:
     def reflect(self, sync_conn: sa.Connection) -> sa.Table:
         table = sa.Table(self.table_name, sa.MetaData(), autoload_with=sync_conn)
         self.structured = {c.name for c in table.columns if isinstance(c.type, sa.JSON | sa.ARRAY)}
-        self.encoders = encoders(table)
+        self.kinds = kinds(table)
         return table
 
     def plan(self, item: Write) -> tuple[str, dict[str, Any]]:
@@ -91,9 +103,9 @@ class RowsSpec:
             }
         else:
             row = dict(item.payload)
-        unknown = sorted(set(row) - set(self.table.c.keys()))
-        if unknown:
-            raise Invalid(f"table {self.table_name} has no column {', '.join(unknown)}")
+        if not self.names.issuperset(row):
+            unknown = ", ".join(sorted(set(row) - self.names))
+            raise Invalid(f"table {self.table_name} has no column {unknown}")
         flat = self.flat(row)
         if flat:
             raise Invalid(f"column {', '.join(flat)} takes no JSON object or array")
@@ -113,20 +125,22 @@ class RowsSpec:
 
     def flat(self, values: Mapping[str, Any]) -> list[str]:
         """The columns given an object or array that take neither (not JSON, not array)."""
+        if _SCALARS.issuperset(map(type, values.values())):
+            return []  # nearly every write: no Python-level loop
         return sorted(
-            c for c, v in values.items() if isinstance(v, dict | list) and c not in self.structured
+            c for c, v in values.items() if isinstance(v, _STRUCTURED) and c not in self.structured
         )
 
     def conditions(self, item: Write) -> Mapping[str, Any]:
         """The item's conditions (column -> value the stored row must hold); :class:`Invalid`
         for a column the table lacks, or an object or array for a column of neither kind."""
         assert self.table is not None
-        conditions = conditions_of(item)
+        conditions = conditions_of(item) if item.options else {}
         if not conditions:  # nearly every write: no per-write work
             return conditions
-        unknown = sorted(set(conditions) - set(self.table.c.keys()))
-        if unknown:
-            raise Invalid(f"condition on no column of {self.table_name}: {', '.join(unknown)}")
+        if not self.names.issuperset(conditions):
+            unknown = ", ".join(sorted(set(conditions) - self.names))
+            raise Invalid(f"condition on no column of {self.table_name}: {unknown}")
         flat = self.flat(conditions)
         if flat:
             raise Invalid(f"condition on column {', '.join(flat)} takes no JSON object or array")
@@ -206,8 +220,9 @@ class RowsSpec:
         touch a row twice in one ON CONFLICT statement)."""
         merged: dict[tuple[Any, ...], dict[str, Any]] = {}
         for row in rows:
-            key = tuple(row[k] for k in self.keys)
-            merged[key] = {**merged.get(key, {}), **row}
+            key = tuple([row[k] for k in self.keys])
+            earlier = merged.get(key)
+            merged[key] = row if earlier is None else {**earlier, **row}
         return list(merged.values())
 
 
@@ -227,6 +242,11 @@ def runs(plans: list[Plan]) -> list[tuple[str, list[Plan]]]:
 def by_columns(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Group rows by their set of columns: one multi-row statement per shape."""
     shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    sorted_of: dict[tuple[str, ...], tuple[str, ...]] = {}  # rows' own key orders, few
     for row in rows:
-        shapes.setdefault(tuple(sorted(row)), []).append(row)
+        order = tuple(row)
+        shape = sorted_of.get(order)
+        if shape is None:
+            shape = sorted_of[order] = tuple(sorted(order))
+        shapes.setdefault(shape, []).append(row)
     return list(shapes.values())
