@@ -41,6 +41,15 @@ async def run(n: int, rounds: int, timeout: float) -> dict[str, Any]:
     }
 
 
+def summarize(r: dict[str, Any]) -> str:
+    """The best rate of each level and its ratio to ``all`` (``make bench``'s summary)."""
+    return "\n".join(
+        f"statusTracking {level:>8}: best {r['best_msgs_per_s'][level]:>7,} msgs/s"
+        f" ({r['best_vs_all'][level]:.3f} of all)"
+        for level in LEVELS
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.tracking", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="20 000 requests, one round")
@@ -54,11 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    for level in LEVELS:
-        print(
-            f"statusTracking {level:>8}: best {result['best_msgs_per_s'][level]:>7,} msgs/s"
-            f" ({result['best_vs_all'][level]:.3f} of all)"
-        )
+    print(summarize(result))
     print(f"written to {out}")
     return 0
 
