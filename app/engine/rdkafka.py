@@ -17,7 +17,10 @@ What stays as with aiokafka:
 - **Errors** arrive as aiokafka's exception types (:data:`ERRORS`), so that
   :func:`emit_until_durable` tells a record Kafka refuses for good (too large,
   invalid, not allowed: dead-lettered) from a transport failure (retried).
-- **Every wait has a deadline.** A record not acknowledged within ``message.timeout.ms``
+- **Every wait has a deadline.** A produce request unanswered for
+  ``WAL_PRODUCER_REQUEST_TIMEOUT_S`` is dropped with its connection and sent again,
+  to whichever broker then leads the partition (``socket.timeout.ms``; a connection
+  must be made within as long). A record not acknowledged within ``message.timeout.ms``
   (three request timeouts, at least 30 s) fails with ``KafkaTimeoutError``: the caller
   retries, and a copy written meanwhile makes the record at least once, which the
   targets' ledgers absorb.
@@ -110,7 +113,12 @@ def config(s: Settings) -> dict[str, Any]:
         "linger.ms": s.producer_linger_ms,
         "compression.type": s.producer_compression,
         "message.max.bytes": TOPIC_MAX_MESSAGE_BYTES + 65_536,  # a whole request's batch
-        "request.timeout.ms": timeout_ms,
+        "request.timeout.ms": timeout_ms,  # the broker's: how long it waits for the ISR
+        # The client's: a produce request waits min(this, the message's time left), not
+        # request.timeout.ms; at 60 s (the default) a request to a hung broker (SIGSTOP)
+        # waited out message.timeout.ms, 30 s, before it went to the new leader.
+        "socket.timeout.ms": timeout_ms,
+        "socket.connection.setup.timeout.ms": timeout_ms,
         "message.timeout.ms": max(30_000, 3 * timeout_ms),
         "retry.backoff.ms": 100,
         "socket.keepalive.enable": True,

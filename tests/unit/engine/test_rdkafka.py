@@ -51,6 +51,10 @@ def test_config_keeps_the_fleets_producer_promises() -> None:
     assert conf["max.in.flight.requests.per.connection"] == 1  # no reordering on a retry
     assert conf["enable.idempotence"] is False
     assert conf["request.timeout.ms"] == 10_000
+    # the client-side deadline of a produce request, and of a connection: a hung broker
+    # holds a partition's records this long, not message.timeout.ms (cluster SIGSTOP test)
+    assert conf["socket.timeout.ms"] == 10_000
+    assert conf["socket.connection.setup.timeout.ms"] == 10_000
     assert conf["message.timeout.ms"] >= 30_000  # every wait has a deadline
     assert "security.protocol" not in conf
 
