@@ -14,8 +14,8 @@ b2. hand-written (confluent-kafka) - the same pipeline on confluent-kafka
    (librdkafka), in tests/bench/hand_confluent.py; the fleet's ratios are taken
    against the faster of b and b2 (``ratios.hand_written_faster`` says which);
 c. the fleet - ``wal worker`` processes (one, then two) deliver them into a
-   ``sql`` journal table, each run followed by the same on the aiokafka producer
-   (``WAL_PRODUCER_CLIENT=aiokafka``, the ``_aiokafka`` parts); the rate counts from
+   ``sql`` journal table, each run followed by the same on the librdkafka producer
+   (``WAL_PRODUCER_CLIENT=librdkafka``, the ``_librdkafka`` parts); the rate counts from
    the moment every worker is ready to the last row's ``delivered_at_ms``, over the
    rows written in that window;
 d. latency - one worker, then two, a producer at a fixed rate stamping ``sentAtMs`` in
@@ -589,16 +589,16 @@ async def run(n: int, latency_s: int, batch_bytes: int = BATCH_BYTES) -> dict[st
         await attempt(results, "hand_written_confluent", confluent)
     finally:
         await delete_topics(prefix)
-    # The fleet on its default producer client, alternating with the fleet producing on
-    # aiokafka (WAL_PRODUCER_CLIENT), same backlog: the client's share, measured.
-    aiokafka = {"producer_client": "aiokafka"}
+    # The fleet on its default producer client (aiokafka), alternating with the fleet
+    # producing on librdkafka (WAL_PRODUCER_CLIENT), same backlog: the client's share.
+    librdkafka = {"producer_client": "librdkafka"}
     await attempt(results, "fleet_1_worker", fleet_run(n, 1, per_part, batch_bytes))
     await attempt(
-        results, "fleet_1_worker_aiokafka", fleet_run(n, 1, per_part, batch_bytes, **aiokafka)
+        results, "fleet_1_worker_librdkafka", fleet_run(n, 1, per_part, batch_bytes, **librdkafka)
     )
     await attempt(results, "fleet_2_workers", fleet_run(n, 2, per_part, batch_bytes))
     await attempt(
-        results, "fleet_2_workers_aiokafka", fleet_run(n, 2, per_part, batch_bytes, **aiokafka)
+        results, "fleet_2_workers_librdkafka", fleet_run(n, 2, per_part, batch_bytes, **librdkafka)
     )
     await attempt(results, "latency", latency(LATENCY_RATE, latency_s, per_part))
     await attempt(results, "latency_2_workers", latency(LATENCY_RATE, latency_s, per_part, 2))
@@ -626,10 +626,12 @@ def ratios(r: dict[str, Any]) -> dict[str, float | str | None]:
         "fleet_1_worker/hand_written": over("fleet_1_worker", "hand_written"),
         "fleet_2_workers/hand_written_confluent": over("fleet_2_workers", "hand_written_confluent"),
         "fleet_1_worker/hand_written_confluent": over("fleet_1_worker", "hand_written_confluent"),
-        "fleet_2_workers/fleet_2_workers_aiokafka": over(
-            "fleet_2_workers", "fleet_2_workers_aiokafka"
+        "fleet_2_workers/fleet_2_workers_librdkafka": over(
+            "fleet_2_workers", "fleet_2_workers_librdkafka"
         ),
-        "fleet_1_worker/fleet_1_worker_aiokafka": over("fleet_1_worker", "fleet_1_worker_aiokafka"),
+        "fleet_1_worker/fleet_1_worker_librdkafka": over(
+            "fleet_1_worker", "fleet_1_worker_librdkafka"
+        ),
         "fleet_1_worker/raw_consume": over("fleet_1_worker", "raw_consume"),
         "fleet_2_workers/raw_consume": over("fleet_2_workers", "raw_consume"),
     }
@@ -653,9 +655,9 @@ def summarize(r: dict[str, Any]) -> str:
         line("b. hand-written (aiokafka)", "hand_written"),
         line("b2. hand-written (confluent-kafka)", "hand_written_confluent"),
         line("c. fleet, 1 worker", "fleet_1_worker"),
-        line("c. fleet, 1 worker, aiokafka producer", "fleet_1_worker_aiokafka"),
+        line("c. fleet, 1 worker, librdkafka producer", "fleet_1_worker_librdkafka"),
         line("c. fleet, 2 workers", "fleet_2_workers"),
-        line("c. fleet, 2 workers, aiokafka producer", "fleet_2_workers_aiokafka"),
+        line("c. fleet, 2 workers, librdkafka producer", "fleet_2_workers_librdkafka"),
     ]
     for name, workers in (("latency", "1 worker"), ("latency_2_workers", "2 workers")):
         lat = r.get(name, {})

@@ -1,7 +1,7 @@
 """The librdkafka produce path's own logic (:mod:`app.engine.rdkafka`): error mapping,
 configuration, and counting a call's delivery reports across two threads. That records
 reach Kafka through it, in order and durable before acked, is shown on a real broker by
-the pipeline and fault tests, which run on it (``WAL_PRODUCER_CLIENT``'s default)."""
+the pipeline and fault tests run with ``WAL_PRODUCER_CLIENT=librdkafka`` (issue 19's note)."""
 
 from __future__ import annotations
 
