@@ -77,8 +77,9 @@ async def test_requests_of_megabytes_pass_end_to_end(fleet: Fleet, compression: 
     assert limits == {fleet.topic(role): TOPIC_MAX_MESSAGE_BYTES for role in roles}
 
 
+@pytest.mark.parametrize("client", ["aiokafka", "librdkafka"])  # WAL_PRODUCER_CLIENT
 async def test_a_record_the_topic_cannot_hold_is_dead_lettered_and_the_rest_delivered(
-    fleet: Fleet,
+    fleet: Fleet, client: str
 ) -> None:
     table = f"y_{fleet.prefix}"
     # wal-deliver made before the fleet, with Kafka's default record limit (~1 MiB)
@@ -89,7 +90,7 @@ async def test_a_record_the_topic_cannot_hold_is_dead_lettered_and_the_rest_deli
     finally:
         await admin.close()
     fleet.apply(big_namespace(table))
-    worker = await fleet.worker().ready()
+    worker = await fleet.worker(WAL_PRODUCER_CLIENT=client).ready()
 
     before = [request("orders", {"seq": i, "body": "b" * 100}) for i in range(200)]
     after = [request("orders", {"seq": i, "body": "b" * 100}) for i in range(201, 401)]
