@@ -58,22 +58,6 @@ from app.settings import Settings
 log = logging.getLogger("wal.kafka")
 
 
-class _Full:
-    """librdkafka's queue stayed full: a transport condition, retried by the caller."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def code(self) -> int:
-        return -1
-
-    def name(self) -> str:
-        return "QUEUE_FULL"
-
-    def str(self) -> str:
-        return self.text
-
-
 #: One produce item: topic, partition, key, value, headers.
 Item = tuple[str, int, bytes | None, bytes | None, list[tuple[str, bytes]]]
 
@@ -227,8 +211,10 @@ class RdProducer:
                 await asyncio.sleep(0.01)
                 try:
                     produce(topic, value, key, partition, report, headers=headers or None)
-                except BufferError as exc:
-                    call.refused = _Full(str(exc))
+                except BufferError:  # a transport condition: the caller retries
+                    from confluent_kafka import KafkaError as RdError
+
+                    call.refused = RdError(RdError._QUEUE_FULL)
                     break
             except Exception as exc:  # refused before it left: too large, unknown topic
                 if not (exc.args and hasattr(exc.args[0], "code")):
