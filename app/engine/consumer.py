@@ -40,9 +40,9 @@ from mode.utils.futures import notify
 
 from app import metrics
 from app.engine.admin import durability
-from app.engine.fetching import FetchingConsumer, KeepingFlowControl
+from app.engine.fetching import IDLE_FETCH, FetchingConsumer, KeepingFlowControl
 from app.engine.lanes import Chunk, lanes_of
-from app.engine.nodes import shun_hung_nodes
+from app.engine.nodes import bound_requests, shun_hung_nodes
 
 log = logging.getLogger("wal.consumer")
 
@@ -315,6 +315,10 @@ class ShunningConsumerThread(driver.AIOKafkaConsumerThread):
     def _create_consumer(self, loop: asyncio.AbstractEventLoop) -> Any:
         consumer = super()._create_consumer(loop)
         shun_hung_nodes(consumer._client)
+        # as long as the fleet's producer waits for an answer, and past a fetch's long poll
+        fetch_wait_s = max(consumer._fetch_max_wait_ms, IDLE_FETCH[1]) / 1000
+        bound = max(float(self.app.conf.producer_request_timeout), fetch_wait_s + 5.0)
+        bound_requests(consumer._client, bound)
         return consumer
 
 

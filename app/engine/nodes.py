@@ -35,6 +35,8 @@ from time import monotonic
 from typing import Any
 
 from aiokafka.conn import CloseReason
+from aiokafka.errors import RequestTimedOutError
+from aiokafka.protocol.group import JoinGroupRequest, SyncGroupRequest
 
 log = logging.getLogger("wal.kafka")
 
@@ -123,3 +125,36 @@ def shun_hung_nodes(client: Any, cool_off_s: float = COOL_OFF_S) -> HungNodes:
     client._get_conn = _get_conn
     client._on_connection_closed = _on_connection_closed
     return nodes
+
+
+#: Requests a broker may rightly hold for as long as a rebalance takes.
+REBALANCE_REQUESTS = (JoinGroupRequest, SyncGroupRequest)
+
+
+def bound_requests(client: Any, timeout_s: float) -> None:
+    """Make every request of ``client`` but a rebalance's own fail after ``timeout_s``.
+
+    Faust's consumer client waits 90 s for any answer (``broker_request_timeout``:
+    a JoinGroup may wait for the whole rebalance). Its other requests - heartbeats,
+    offset commits, coordinator lookups, metadata, fetches - then waited as long on a
+    hung broker: in the SIGSTOP cluster test a coordinator lookup sent to the paused
+    node held Faust's consumer thread, whose calls run one at a time, and with it
+    every fetch, for the whole 35 s pause. Bounded, a request that times out closes
+    its connection as aiokafka's own timeout does (the node becomes suspect:
+    :func:`shun_hung_nodes`) and fails with ``RequestTimedOutError``, which its
+    caller retries, elsewhere once the node is left alone.
+    """
+    send = client.send
+
+    async def bounded_send(node_id: Any, request: Any, **kw: Any) -> Any:
+        if isinstance(request, REBALANCE_REQUESTS):
+            return await send(node_id, request, **kw)
+        try:
+            return await asyncio.wait_for(send(node_id, request, **kw), timeout_s)
+        except TimeoutError as exc:
+            conn = client._conns.get((node_id, kw.get("group", 0)))
+            if conn is not None:
+                conn.close(reason=CloseReason.CONNECTION_TIMEOUT)
+            raise RequestTimedOutError() from exc
+
+    client.send = bounded_send

@@ -13,7 +13,7 @@ import pytest
 from aiokafka.conn import CloseReason
 
 import app.engine.nodes as nodes_module
-from app.engine.nodes import HungNodes, shun_hung_nodes
+from app.engine.nodes import HungNodes, bound_requests, shun_hung_nodes
 
 
 class Client:
@@ -106,3 +106,48 @@ async def test_a_connection_attempt_that_hung_to_its_deadline_counts() -> None:
     client.hanging.clear()
     assert await client._get_conn(1) is None  # refused at once
     assert client.asked == [1]
+
+
+class Conn:
+    def __init__(self) -> None:
+        self.closed: list[Any] = []
+
+    def close(self, reason: Any) -> None:
+        self.closed.append(reason)
+
+
+class Sending:
+    """What :func:`bound_requests` uses of an ``AIOKafkaClient``: a node that never answers."""
+
+    def __init__(self) -> None:
+        self.conn = Conn()
+        self._conns = {(2, 0): self.conn}
+
+    async def send(self, node_id: Any, request: Any, *, group: int = 0) -> Any:
+        await asyncio.sleep(3600)
+
+
+async def test_a_request_to_a_node_that_never_answers_fails_within_the_bound() -> None:
+    from aiokafka.errors import RequestTimedOutError
+    from aiokafka.protocol.group import HeartbeatRequest
+
+    client = Sending()
+    bound_requests(client, 0.05)
+    began = monotonic()
+    with pytest.raises(RequestTimedOutError):
+        await client.send(2, HeartbeatRequest("g", 1, "m"))
+    assert monotonic() - began < 1.0
+    assert client.conn.closed == [CloseReason.CONNECTION_TIMEOUT]  # the node becomes suspect
+
+
+async def test_a_rebalance_request_may_wait_past_the_bound() -> None:
+    from aiokafka.protocol.group import JoinGroupRequest
+
+    client = Sending()
+    bound_requests(client, 0.05)
+    join = JoinGroupRequest("g", 10_000, 60_000, "", "", "consumer", [])
+    task = asyncio.ensure_future(client.send(2, join))
+    await asyncio.sleep(0.2)
+    assert not task.done()  # still waiting, as long as the rebalance takes
+    task.cancel()
+    assert client.conn.closed == []
