@@ -97,7 +97,11 @@ def _optional(**kwargs: Any) -> dict[str, Any]:
 
 
 fleet = create_app(settings)
-consumer.install(fleet, busy_fetch=(settings.fetch_min_bytes, settings.fetch_max_wait_ms))
+consumer.install(
+    fleet,
+    busy_fetch=(settings.fetch_min_bytes, settings.fetch_max_wait_ms),
+    fetch_max_bytes=settings.fetch_max_bytes,
+)
 
 
 @fleet.timer(5.0)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     fetch_max_wait_ms: int = Field(default=100, ge=1, le=30_000)
     """WAL_FETCH_MAX_WAIT_MS: longest the broker holds a busy worker's fetch for
     ``WAL_FETCH_MIN_BYTES``: the most a record can wait per topic hop for that."""
+
+    fetch_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024 * 1024, le=256 * 1024 * 1024)
+    """WAL_FETCH_MAX_BYTES: the most one fetch brings back from a broker, all partitions
+    together (Kafka's ``fetch.max.bytes``; a record larger than this still comes, alone).
+    It bounds the fetched records a worker holds: with aiokafka's 50 MiB a worker reading
+    a backlog took ~30 MiB more RSS at its busiest, and kept much of it afterwards
+    (``make bench``'s delay part, issue 19's note)."""
 
     agent_concurrency: int = Field(default=2, ge=1, le=16)
     """WAL_AGENT_CONCURRENCY: batches the ingest and deliver agents each work on at once,
@@ -250,6 +257,16 @@ class Settings(BaseSettings):
                 f"{n} survives no more failures than one of {n - 1}"
             )
         return n
+
+    @model_validator(mode="after")
+    def _fetch_bounds(self) -> Settings:
+        if self.fetch_min_bytes > self.fetch_max_bytes:
+            raise ValueError(
+                f"WAL_FETCH_MIN_BYTES ({self.fetch_min_bytes}) is more than "
+                f"WAL_FETCH_MAX_BYTES ({self.fetch_max_bytes}): a busy fetch could never "
+                "gather it and would always wait WAL_FETCH_MAX_WAIT_MS"
+            )
+        return self
 
     @cached_property
     def tiers(self) -> tuple[int, ...]:

@@ -310,7 +310,8 @@ LIVELOCK_CHECK_S = 30.0
 
 
 class ShunningConsumerThread(driver.AIOKafkaConsumerThread):
-    """Faust's consumer thread, its client leaving hung brokers alone (:mod:`.nodes`)."""
+    """Faust's consumer thread: its client leaves hung brokers alone and bounds its requests
+    in time (:mod:`.nodes`), its fetches in size (:func:`bound_fetches`)."""
 
     def _create_consumer(self, loop: asyncio.AbstractEventLoop) -> Any:
         consumer = super()._create_consumer(loop)
@@ -319,7 +320,17 @@ class ShunningConsumerThread(driver.AIOKafkaConsumerThread):
         fetch_wait_s = max(consumer._fetch_max_wait_ms, IDLE_FETCH[1]) / 1000
         bound = max(float(self.app.conf.producer_request_timeout), fetch_wait_s + 5.0)
         bound_requests(consumer._client, bound)
+        bound_fetches(consumer, self.app.__dict__.get("_wal_fetch_max_bytes"))
         return consumer
+
+
+def bound_fetches(consumer: Any, max_bytes: int | None) -> None:
+    """At most ``max_bytes`` in one fetch response (all partitions of a broker), before
+    ``consumer`` starts. Faust passes aiokafka no ``fetch_max_bytes``, so every fetch may
+    bring back 50 MiB: a worker reading a backlog holds that, and glibc keeps much of it
+    after (issue 19). aiokafka's ``start`` hands this attribute to the fetcher it makes."""
+    if max_bytes is not None:
+        consumer._fetch_max_bytes = max_bytes
 
 
 class ShunningProducer(driver.Producer):
@@ -344,10 +355,14 @@ class StrictTransport(driver.Transport):
         await super()._create_topic(owner, client, topic, partitions, replication, **kw)
 
 
-def install(app: Any, *, busy_fetch: tuple[int, int] | None = None) -> None:
-    """Give ``app`` the strict transport and flow control (before it creates streams), and
-    the fetch it asks for while busy: (min bytes, max wait ms) - see :class:`FetchPace`."""
+def install(
+    app: Any, *, busy_fetch: tuple[int, int] | None = None, fetch_max_bytes: int | None = None
+) -> None:
+    """Give ``app`` the strict transport and flow control (before it creates streams), the
+    fetch it asks for while busy: (min bytes, max wait ms) - see :class:`FetchPace` - and
+    the most one fetch may bring back (:func:`bound_fetches`)."""
     app.__dict__["_wal_busy_fetch"] = busy_fetch
+    app.__dict__["_wal_fetch_max_bytes"] = fetch_max_bytes
     app.transport = StrictTransport(app.conf.broker_consumer, app)
     assert "flow_control" not in app.__dict__, "install() must run before streams exist"
     app.__dict__["flow_control"] = KeepingFlowControl(loop=app.loop)

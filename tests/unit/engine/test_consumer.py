@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -463,3 +465,42 @@ async def test_every_topic_faust_declares_gets_the_fleets_durability(
         ("t-changelog", 3, {"min.insync.replicas": "2", "cleanup.policy": "x"}),
         ("t-repartition", 1, {"min.insync.replicas": "1"}),
     ]
+
+
+async def test_a_fetch_brings_back_at_most_the_configured_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """WAL_FETCH_MAX_BYTES reaches the fetcher aiokafka builds when the consumer starts
+    (its own default is 50 MiB a fetch); no broker needed: only start's bootstrap is
+    skipped, everything after it (the fetcher) is aiokafka's own."""
+    from aiokafka import AIOKafkaConsumer
+
+    from app.engine.consumer import bound_fetches
+
+    async def nothing(*_: object) -> None:
+        return None
+
+    consumer = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:9")
+    assert consumer._fetch_max_bytes == 50 * 1024 * 1024
+    bound_fetches(consumer, None)  # not configured: aiokafka's own
+    assert consumer._fetch_max_bytes == 50 * 1024 * 1024
+    bound_fetches(consumer, 4 * 1024 * 1024)
+    monkeypatch.setattr(consumer._client, "bootstrap", nothing)
+    monkeypatch.setattr(consumer, "_wait_topics", nothing)
+    await consumer.start()
+    try:
+        assert consumer._fetcher._fetch_max_bytes == 4 * 1024 * 1024
+    finally:
+        # aiokafka's stop awaits its group-less coordinator's task after cancelling it
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer.stop()
+
+
+def test_a_fetch_minimum_above_its_maximum_is_refused() -> None:
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    with pytest.raises(ValidationError, match="WAL_FETCH_MIN_BYTES"):
+        Settings(fetch_min_bytes=8 * 1024 * 1024, fetch_max_bytes=4 * 1024 * 1024)
+    assert Settings().fetch_max_bytes == 4 * 1024 * 1024

@@ -1003,9 +1003,13 @@ PINS: tuple[Pin, ...] = (
         "aiokafka.consumer.consumer.AIOKafkaConsumer.start",
         "2f1ba70443327538800d348e61042cdedd5a5e6306f40ebe1a06dddba7494c45",
         RELIES,
-        (f"{SC}._aiokafka_fetcher", f"{SC}._member_id"),
-        "it creates _fetcher (paced by FetchPace) and _coordinator",
-        ("test_fetches_are_patient_only_while_the_worker_is_busy",),
+        (f"{SC}._aiokafka_fetcher", f"{SC}._member_id", "app.engine.consumer:bound_fetches"),
+        "it creates _fetcher (paced by FetchPace; its fetch_max_bytes from the consumer's "
+        "_fetch_max_bytes, which bound_fetches sets before start) and _coordinator",
+        (
+            "test_fetches_are_patient_only_while_the_worker_is_busy",
+            "test_a_fetch_brings_back_at_most_the_configured_bytes",
+        ),
     ),
     Pin(
         "aiokafka.consumer.fetcher.Fetcher.__init__",
