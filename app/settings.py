@@ -162,8 +162,9 @@ class Settings(BaseSettings):
     (confluent-kafka) builds batches and requests in C instead of Python; same partitions,
     acks=all, one request in flight per connection, the same error handling
     (``app/engine/rdkafka.py``). Opt-in: the guarantee tests passed on it five runs in a
-    row, but two fresh-clone CI runs failed one broker-pause test on it that passes alone
-    (issue 19's note). Faust's own writes stay on aiokafka."""
+    row, but two of three fresh-clone CI runs with it as the default failed one
+    broker-pause test that passes alone (issue 19's notes). Faust's own writes stay on
+    aiokafka."""
 
     delay_tiers: str = "1,5,30,120,900"
     """WAL_DELAY_TIERS: seconds of each delay tier topic (``wal-delay-<tier>``), comma-separated.

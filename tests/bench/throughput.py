@@ -589,7 +589,6 @@ async def run(n: int, latency_s: int, batch_bytes: int = BATCH_BYTES) -> dict[st
         # Unranked: the broker's first pipeline after a start ran ~1.5x slower than the
         # next (a JVM warms up), so every ranked part now runs on a warm broker.
         await attempt(results, "warm_up", hand_written(topic, f"{prefix}w", n, per_part))
-        await asyncio.to_thread(drop_table, f"bench_{prefix}w_hand")
         await attempt(results, "hand_written", hand_written(topic, prefix, n, per_part))
         confluent = hand_written_confluent(topic, prefix, n, per_part)
         await attempt(results, "hand_written_confluent", confluent)
