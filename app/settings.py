@@ -89,9 +89,9 @@ class Settings(BaseSettings):
     fetch_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024 * 1024, le=256 * 1024 * 1024)
     """WAL_FETCH_MAX_BYTES: the most one fetch brings back from a broker, all partitions
     together (Kafka's ``fetch.max.bytes``; a record larger than this still comes, alone).
-    It bounds the fetched records a worker holds: with aiokafka's 50 MiB a worker reading
-    a backlog took ~30 MiB more RSS at its busiest, and kept much of it afterwards
-    (``make bench``'s delay part, issue 19's note)."""
+    It bounds the fetched records a worker holds (aiokafka's own bound is 50 MiB a fetch).
+    On ``make bench``'s delay part it left the settled RSS the same within noise and the
+    busiest a few MiB lower (issue 19's note): a bound on the worst case, not a saving."""
 
     agent_concurrency: int = Field(default=2, ge=1, le=16)
     """WAL_AGENT_CONCURRENCY: batches the ingest and deliver agents each work on at once,

@@ -10,7 +10,7 @@ b. hand-written - aiokafka consume → orjson parse + check → produce to a sec
    topic (acks=all) → consume it → COPY into a staging table and INSERT … ON
    CONFLICT DO NOTHING into a table keyed by message id, committing offsets
    after each write; one process, one event loop, like one worker;
-   It runs twice: first as ``warm_up`` (not ranked: a broker's first pipeline
+   it runs twice: first as ``warm_up`` (not ranked: a broker's first pipeline
    after a start ran ~1.5x slower), then for the record;
 b2. hand-written (confluent-kafka) - the same pipeline on confluent-kafka
    (librdkafka), in tests/bench/hand_confluent.py; the fleet's ratios are taken
