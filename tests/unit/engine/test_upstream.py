@@ -1067,12 +1067,15 @@ PINS: tuple[Pin, ...] = (
         "aiokafka.client.AIOKafkaClient.send",
         "246b277687d7b687d79fd81f0a9718633b61a5ead0a1e9898419a1151ae3a91d",
         RELIES,
-        ("app.engine.nodes:shun_hung_nodes",),
+        ("app.engine.nodes:shun_hung_nodes", "app.engine.nodes:bound_requests"),
         "a request that times out closes its connection with CONNECTION_TIMEOUT, still in "
-        "_conns under its (node, group) key when on_close runs",
+        "_conns under its (node, group) key when on_close runs; bound_requests wraps send "
+        "(node_id, request, group=...) and closes that same connection the same way",
         (
             "test_a_node_whose_request_timed_out_and_that_does_not_answer_is_left_alone",
             "test_a_node_paused_past_its_session_timeout_then_resumed",
+            "test_a_request_to_a_node_that_never_answers_fails_within_the_bound",
+            "test_a_rebalance_request_may_wait_past_the_bound",
         ),
     ),
     Pin(
