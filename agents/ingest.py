@@ -305,9 +305,12 @@ async def ingest(stream: Any) -> None:
 async def _ingest_batch(batch: Batch) -> None:
     metrics.BATCH_SIZE.labels("ingest").observe(len(batch))
     notes, accepted = Collector(), Counter[str]()  # this batch's, apart from any other's
-    records = [_route(message, notes, accepted) for message in batch.records]
+    plain: dict[str, list[str]] = {}  # namespace -> ids accepted as they are (no fields)
+    records = [_route(message, notes, accepted, plain) for message in batch.records]
     for name, n in accepted.items():  # once a batch, not once a record
         metrics.MESSAGES.labels(name, "ingest", "accepted").inc(n)
+    for name, ids in plain.items():
+        notes.note_many(ids, name, "accepted")
     records += _stats_deltas(batch.records, records)
     records += notes.drain(topics.NAMES["status"], settings.partitions)
     await producing.emit_until_durable(records, what=f"{len(records)} ingest records")
@@ -315,8 +318,11 @@ async def _ingest_batch(batch: Batch) -> None:
     log.info("ingested a batch of %d", len(batch), extra={"agent": "ingest", "count": len(batch)})
 
 
-def _route(message: Any, notes: Collector, accepted: Counter[str]) -> Record:
-    """One ingest record (aiokafka's ``ConsumerRecord``) → its next record."""
+def _route(
+    message: Any, notes: Collector, accepted: Counter[str], plain: dict[str, list[str]]
+) -> Record:
+    """One ingest record (aiokafka's ``ConsumerRecord``) → its next record; the status
+    ``accepted`` of a request sent on as it is goes into ``plain``, noted once a batch."""
     headers = names.decode_headers(message.headers)
     source = f"{message.topic}/{message.partition}/{message.offset}"
     timestamp_ms = message.timestamp if message.timestamp and message.timestamp > 0 else 0
@@ -354,7 +360,11 @@ def _route(message: Any, notes: Collector, accepted: Counter[str]) -> Record:
     record = deliver_record(admitted, message.value, headers, source, message.key)
     due = record.headers.get(names.DUE_AT)
     step = "delayed" if due and record.topic != topics.NAMES["deliver"] else "accepted"
-    if tracked(admitted.namespace.status_tracking, step):
+    if not tracked(admitted.namespace.status_tracking, step):
+        return record
+    if step == "accepted" and not due and admitted.transaction_id is None:
+        plain.setdefault(admitted.namespace.name, []).append(admitted.message_id)
+    else:
         notes.note(
             admitted.message_id,
             admitted.namespace.name,

@@ -8,6 +8,11 @@ target identifier, ``code`` one of :data:`app.errors.CODES`, ``stage`` and
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import Counter as Tally
+from collections.abc import Sequence
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 UNKNOWN = "(unknown)"
@@ -102,3 +107,28 @@ PARTITIONS_AT_RISK = Gauge(
     "than a write needs: acks=all writes fail), offline (no leader).",
     ["state"],
 )
+
+
+def observe_many(histogram: Any, amounts: Sequence[float]) -> None:
+    """``histogram.observe(a)`` for every amount of ``amounts``, of one labelled child.
+
+    One increment per bucket touched and one of the sum, rather than two locked
+    increments per amount: observing each delivered write's latency apiece cost 1.4 µs a
+    write. It reads the child's ``_upper_bounds``, ``_buckets`` and ``_sum`` (private
+    to prometheus-client); without them it observes one by one, and
+    ``test_observe_many_exposes_what_observing_each_does`` fails so that an upgrade
+    that moved them is noticed.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    if not amounts:
+        return
+    # observe() counts an amount in the first bucket whose bound is >= it
+    for index, n in Tally([bisect_left(bounds, amount) for amount in amounts]).items():
+        buckets[index].inc(n)
+    total.inc(sum(amounts))

@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from app.engine.partitioner import partition_of
+from app.engine.partitioner import partition_of, partitions_of
 from app.names import Record
 from tables import compact
 
@@ -80,21 +80,32 @@ class Collector:
         """Record that ``message_id`` reached ``step`` (``target``, ``attempt``, ``code``…)."""
         if not message_id:
             return
+        self._ids(namespace, step, fields).append(message_id)
+
+    def note_many(
+        self, message_ids: list[str], namespace: str, step: str, **fields: str | int | None
+    ) -> None:
+        """:meth:`note` for every id of ``message_ids`` (all with the same fields): what
+        a batch notes for most of its messages, at the cost of one note."""
+        if message_ids:
+            self._ids(namespace, step, fields).extend(m for m in message_ids if m)
+
+    def _ids(self, namespace: str, step: str, fields: dict[str, str | int | None]) -> list[str]:
+        """The ids noted so far with this namespace, step, millisecond and fields."""
         rest = tuple([item for item in fields.items() if item[1] is not None]) or None
         key = (namespace, step, int(time.time() * 1000), rest)
         ids = self._groups.get(key)
         if ids is None:
-            self._groups[key] = [message_id]
-        else:
-            ids.append(message_id)
+            ids = self._groups[key] = []
+        return ids
 
     def drain(self, topic: str, partitions: int) -> list[Record]:
         """The noted entries as one bundle per ``wal-status`` partition; forgets them."""
         bundles: dict[int, list[list[Any]]] = defaultdict(list)
         for (namespace, step, at, rest), ids in self._groups.items():
             by_partition: dict[int, list[str]] = defaultdict(list)
-            for message_id in ids:
-                by_partition[status_partition(message_id, partitions)].append(message_id)
+            for message_id, p in zip(ids, partitions_of(ids, partitions), strict=True):
+                by_partition[p].append(message_id)
             fields = dict(rest) if rest else None
             for p, members in by_partition.items():
                 bundles[p].append([namespace, step, at, fields, members])

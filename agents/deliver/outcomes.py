@@ -64,12 +64,26 @@ PARK_MS = 1000
 
 
 def follow_ups_of(call: Call, states: dict[bytes, dict[str, ordering.KeyState]]) -> list[Record]:
-    """The follow-up records of an ended call's outcomes."""
+    """The follow-up records of an ended call's outcomes.
+
+    A write delivered with nothing to follow (no key sequencing, no transaction) - nearly
+    every write - only notes its status: those notes are made once per attempt number,
+    not once per write (the same entries :func:`finish` notes)."""
     records = []
+    delivered: dict[int, list[str]] = {}  # attempt -> message ids
+    status = current().status
     for item, outcome in zip(call.members, call.task.result(), strict=True):
+        if outcome.ok and not ordered(item) and names.TRANSACTION_ID not in item.headers:
+            level = item.namespace.status_tracking if item.namespace else "all"
+            attempt = item.attempt
+            if tracked(level, "delivered", attempt) and (mid := item.headers.get(names.MESSAGE_ID)):
+                delivered.setdefault(attempt, []).append(mid)
+            continue
         record = _next_step(item, call.identifier, outcome, states)
         if record is not None:
             records.append(record)
+    for attempt, ids in delivered.items():
+        status.note_many(ids, call.namespace, "delivered", target=call.identifier, attempt=attempt)
     return records
 
 
@@ -366,15 +380,17 @@ def count_delivered(
     waits = tally.latencies[(namespace, identifier)]
     sources = tally.sources[(namespace, identifier, "delivered")]
     delivered = 0
+    seen: list[float] = []
     for member, outcome in zip(members, outcomes, strict=True):
         if outcome.ok:
             received = member.headers.get(names.RECEIVED_AT)
             if received:
                 seconds = max(0.0, now - int(received) / 1000)
-                latency.observe(seconds)
+                seen.append(seconds)
                 waits.append(int(seconds * 1000))
             sources.append(origin(member))
             delivered += 1
+    metrics.observe_many(latency, seen)
     metrics.MESSAGES.labels(namespace, "deliver", "delivered").inc(delivered)
 
 

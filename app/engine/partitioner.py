@@ -11,7 +11,7 @@ so everything that maps a key to a partition agrees with the Java clients.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from murmurhash2 import murmurhash2
 
@@ -22,6 +22,12 @@ SEED = 0x9747B28C
 def partition_of(key: bytes, partitions: int) -> int:
     """The partition of ``key`` among ``partitions`` (Kafka's ``toPositive(murmur2) % n``)."""
     return (murmurhash2(key, SEED) & 0x7FFFFFFF) % partitions
+
+
+def partitions_of(keys: Iterable[str], partitions: int) -> list[int]:
+    """:func:`partition_of` of each key's UTF-8 bytes, in one loop (a batch's status ids:
+    a Python call per key cost as much as the hash)."""
+    return [(murmurhash2(k.encode(), SEED) & 0x7FFFFFFF) % partitions for k in keys]
 
 
 def partitioner(key: bytes | None, all_partitions: Sequence[int], available: Sequence[int]) -> int:

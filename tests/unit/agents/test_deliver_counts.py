@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import orjson
+
 from agents.deliver import items, outcomes
 from app import names
 from app.models import Namespace
 from tables.stats import parse
+from tables.status import entries_of
 
 ORDERS = Namespace.model_validate({"name": "orders"})
 
@@ -64,3 +67,46 @@ async def test_concurrent_batches_each_send_out_only_their_own_counts() -> None:
     second_may_finish.set()
     assert fast == [{"w-deliver/0": [(2, 2)]}]
     assert await slow == [{"w-deliver/0": [(1, 1)]}]
+
+
+async def test_delivered_writes_note_what_finishing_each_would() -> None:
+    """``follow_ups_of`` notes a call's plain delivered writes once per attempt number:
+    the same status entries :func:`outcomes.finish` notes for each, with the ids of
+    statuses-off namespaces and the failures still going the way of each write."""
+    import asyncio
+
+    from agents.deliver.calls import Call
+    from targets.base import Outcome
+
+    quiet = Namespace.model_validate({"name": "quiet", "statusTracking": "none"})
+    members = [
+        item(f"w-deliver/0/{n}", **{names.MESSAGE_ID: f"m{n}", names.ATTEMPT: str(1 + n % 3)})
+        for n in range(30)
+    ]
+    members[4].namespace = quiet
+    answers = [Outcome("delivered") for _ in members]
+    answers[7] = Outcome("permanent", "TARGET_REJECTED", "no")
+
+    async def done() -> list[Outcome]:
+        return answers
+
+    task = asyncio.ensure_future(done())
+    await task
+    call = Call("orders", "pg", members, ordered=False, task=task, slow_at=0.0)
+
+    def entries() -> list[tuple[object, ...]]:
+        bundles = outcomes.current().status.drain("wal-status", 1)
+        found = [e for r in bundles for e in entries_of(orjson.loads(r.value or b""))]
+        return sorted((e["id"], e["st"], e.get("target"), e.get("attempt")) for e in found)
+
+    outcomes.begin()
+    follow_ups = outcomes.follow_ups_of(call, {})
+    at_once = entries()
+    outcomes.begin()
+    for member, answer in zip(members, answers, strict=True):
+        if answer.ok:
+            outcomes.finish(member, "pg", outcomes.DELIVERED_DECISION)
+    each = entries()
+    assert [e for e in at_once if e[1] == "delivered"] == each
+    assert len(each) == 28  # not the statuses-off one, not the failed one
+    assert ("m7", "dead_lettered", "pg", 2) in at_once and len(follow_ups) == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from aiokafka.partitioner import DefaultPartitioner
 
@@ -160,3 +162,26 @@ def test_a_cancelled_message_says_so_unless_every_target_had_it_first() -> None:
     lost = fold(fold(None, entry("accepted", 1)), entry("cancel", 4))
     lost = fold(lost, entry("delivered", 3, target="pg"))  # delivered before the mark
     assert lost["status"] == "completed"
+
+
+def test_noting_many_ids_at_once_is_noting_each() -> None:
+    """``note_many`` (a batch's accepted or delivered ids) bundles the same entries as a
+    ``note`` per id: the same groups, the same ids in the same order; empty ids skipped."""
+    ids = [f"id-{n}" for n in range(300)]
+    one_by_one, at_once = Collector(), Collector()
+    for message_id in ids:
+        one_by_one.note(message_id, "orders", "delivered", target="pg", attempt=2)
+    at_once.note_many([*ids[:150], "", *ids[150:]], "orders", "delivered", target="pg", attempt=2)
+    at_once.note_many([], "orders", "accepted")  # nothing: no empty group either
+
+    def entries(collector: Collector) -> list[list[dict[str, Any]]]:
+        bundles = collector.drain("wal-status", 4)
+        return [
+            sorted(entries_of(orjson.loads(r.value or b"")), key=lambda e: e["id"]) for r in bundles
+        ]
+
+    first, second = entries(one_by_one), entries(at_once)
+    for bundle in (*first, *second):
+        for e in bundle:
+            e.pop("at")  # the millisecond of each call
+    assert first == second and sum(len(b) for b in second) == 300
