@@ -234,7 +234,7 @@ def deliver_record(
     A transaction becomes a ``begin`` event on ``wal-txn-events`` instead: the
     transactions agent dispatches its mutations.
     """
-    if admitted.transaction_id is not None:
+    if admitted.mutations is not None:  # a transaction (its id: transaction_id)
         return _begin(admitted, headers)
     out: dict[str, str | None] = {h: headers.get(h) for h in names.PASSTHROUGH}
     out.update(
@@ -362,7 +362,7 @@ def _route(
     step = "delayed" if due and record.topic != topics.NAMES["deliver"] else "accepted"
     if not tracked(admitted.namespace.status_tracking, step):
         return record
-    if step == "accepted" and not due and admitted.transaction_id is None:
+    if step == "accepted" and not due and admitted.mutations is None:
         plain.setdefault(admitted.namespace.name, []).append(admitted.message_id)
     else:
         notes.note(

@@ -16,8 +16,9 @@ b2. hand-written (confluent-kafka) - the same pipeline on confluent-kafka
    (librdkafka), in tests/bench/hand_confluent.py; the fleet's ratios are taken
    against the faster of b and b2 (``ratios.hand_written_faster`` says which);
 c. the fleet - ``wal worker`` processes (one, then two) deliver them into a
-   ``sql`` journal table, each run followed by the same on the librdkafka producer
-   (``WAL_PRODUCER_CLIENT=librdkafka``, the ``_librdkafka`` parts); the rate counts from
+   ``sql`` journal table on the default producer client, each run followed by the same
+   on the other (``WAL_PRODUCER_CLIENT``, the ``_aiokafka`` or ``_librdkafka`` parts,
+   :data:`OTHER_CLIENT`); the rate counts from
    the moment every worker is ready to the last row's ``delivered_at_ms``, over the
    rows written in that window;
 d. latency - one worker, then two, a producer at a fixed rate stamping ``sentAtMs`` in
@@ -52,6 +53,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from confluent_kafka import KafkaException
 
+from app.settings import Settings
 from tests.integration.harness import (
     BOOTSTRAP,
     PG_DSN,
@@ -73,6 +75,10 @@ LATENCY_RATE = 5_000
 WARM_UP_S = 5
 #: No new row for this long while some are missing: the run is reported as stalled.
 STALL_S = 30.0
+#: The producer client the fleet runs on by default (``WAL_PRODUCER_CLIENT``), and the
+#: other one, which each fleet part is run again on.
+DEFAULT_CLIENT: str = Settings.model_fields["producer_client"].default
+OTHER_CLIENT = "aiokafka" if DEFAULT_CLIENT == "librdkafka" else "librdkafka"
 #: Record batch size of the pre-loaders: the Kafka clients' default (aiokafka, Java).
 #: With 512 KiB batches the fleet stalls on a backlog (see --batch-bytes).
 BATCH_BYTES = 16 * 1024
@@ -594,17 +600,13 @@ async def run(n: int, latency_s: int, batch_bytes: int = BATCH_BYTES) -> dict[st
         await attempt(results, "hand_written_confluent", confluent)
     finally:
         await delete_topics(prefix)
-    # The fleet on its default producer client (aiokafka), alternating with the fleet
-    # producing on librdkafka (WAL_PRODUCER_CLIENT), same backlog: the client's share.
-    librdkafka = {"producer_client": "librdkafka"}
-    await attempt(results, "fleet_1_worker", fleet_run(n, 1, per_part, batch_bytes))
-    await attempt(
-        results, "fleet_1_worker_librdkafka", fleet_run(n, 1, per_part, batch_bytes, **librdkafka)
-    )
-    await attempt(results, "fleet_2_workers", fleet_run(n, 2, per_part, batch_bytes))
-    await attempt(
-        results, "fleet_2_workers_librdkafka", fleet_run(n, 2, per_part, batch_bytes, **librdkafka)
-    )
+    # The fleet on its default producer client, alternating with the fleet producing on the
+    # other one (WAL_PRODUCER_CLIENT), same backlog: the client's share.
+    other = {"producer_client": OTHER_CLIENT}
+    for workers, name in ((1, "fleet_1_worker"), (2, "fleet_2_workers")):
+        await attempt(results, name, fleet_run(n, workers, per_part, batch_bytes))
+        again = fleet_run(n, workers, per_part, batch_bytes, **other)
+        await attempt(results, f"{name}_{OTHER_CLIENT}", again)
     await attempt(results, "latency", latency(LATENCY_RATE, latency_s, per_part))
     await attempt(results, "latency_2_workers", latency(LATENCY_RATE, latency_s, per_part, 2))
     results["ratios"] = ratios(results)
@@ -631,11 +633,11 @@ def ratios(r: dict[str, Any]) -> dict[str, float | str | None]:
         "fleet_1_worker/hand_written": over("fleet_1_worker", "hand_written"),
         "fleet_2_workers/hand_written_confluent": over("fleet_2_workers", "hand_written_confluent"),
         "fleet_1_worker/hand_written_confluent": over("fleet_1_worker", "hand_written_confluent"),
-        "fleet_2_workers/fleet_2_workers_librdkafka": over(
-            "fleet_2_workers", "fleet_2_workers_librdkafka"
+        f"fleet_2_workers/fleet_2_workers_{OTHER_CLIENT}": over(
+            "fleet_2_workers", f"fleet_2_workers_{OTHER_CLIENT}"
         ),
-        "fleet_1_worker/fleet_1_worker_librdkafka": over(
-            "fleet_1_worker", "fleet_1_worker_librdkafka"
+        f"fleet_1_worker/fleet_1_worker_{OTHER_CLIENT}": over(
+            "fleet_1_worker", f"fleet_1_worker_{OTHER_CLIENT}"
         ),
         "fleet_1_worker/raw_consume": over("fleet_1_worker", "raw_consume"),
         "fleet_2_workers/raw_consume": over("fleet_2_workers", "raw_consume"),
@@ -660,10 +662,10 @@ def summarize(r: dict[str, Any]) -> str:
         line("b0. warm-up (unranked)", "warm_up"),
         line("b. hand-written (aiokafka)", "hand_written"),
         line("b2. hand-written (confluent-kafka)", "hand_written_confluent"),
-        line("c. fleet, 1 worker", "fleet_1_worker"),
-        line("c. fleet, 1 worker, librdkafka producer", "fleet_1_worker_librdkafka"),
-        line("c. fleet, 2 workers", "fleet_2_workers"),
-        line("c. fleet, 2 workers, librdkafka producer", "fleet_2_workers_librdkafka"),
+        line(f"c. fleet, 1 worker ({DEFAULT_CLIENT})", "fleet_1_worker"),
+        line(f"c. fleet, 1 worker, {OTHER_CLIENT}", f"fleet_1_worker_{OTHER_CLIENT}"),
+        line(f"c. fleet, 2 workers ({DEFAULT_CLIENT})", "fleet_2_workers"),
+        line(f"c. fleet, 2 workers, {OTHER_CLIENT}", f"fleet_2_workers_{OTHER_CLIENT}"),
     ]
     for name, workers in (("latency", "1 worker"), ("latency_2_workers", "2 workers")):
         lat = r.get(name, {})
