@@ -1,6 +1,8 @@
 """The fleet's produce path on librdkafka (confluent-kafka), behind ``producing.emit``.
 
-Opt-in: ``WAL_PRODUCER_CLIENT=librdkafka`` (issue 19; aiokafka stays the default).
+The default, ``WAL_PRODUCER_CLIENT=librdkafka`` (issue 19); ``aiokafka`` keeps the agents'
+records on Faust's producer.
+
 aiokafka builds every record batch and every produce request in Python, about 13 µs a
 record; librdkafka does it in C threads of its own. Only the agents' records go this way
 (:func:`emit`); Faust's own producer (aiokafka) still writes what Faust writes.

@@ -1,7 +1,8 @@
 """The librdkafka produce path's own logic (:mod:`app.engine.rdkafka`): error mapping,
 configuration, and counting a call's delivery reports across two threads. That records
 reach Kafka through it, in order and durable before acked, is shown on a real broker by
-the pipeline and fault tests run with ``WAL_PRODUCER_CLIENT=librdkafka`` (issue 19's note)."""
+the pipeline and fault tests, which run on it as the fleet's default producer client
+(``WAL_PRODUCER_CLIENT``; ``tests/integration/pipeline/test_sizes.py`` runs on both)."""
 
 from __future__ import annotations
 
