@@ -25,6 +25,12 @@ d. latency - one worker, then two, a producer at a fixed rate stamping ``sentAtM
    each payload; ``delivered_at_ms - sentAtMs`` per row → p50/p99, over the whole
    run and over the run without its first ``WARM_UP_S`` seconds (start-up).
 
+Parts b, b2 and c also report the CPU they took per message (``cpu_us_per_msg``): the
+whole machine's busy time (every core: the broker's, PostgreSQL's and the kernel's
+too) and the pipeline's own (this process for b and b2, the workers for c). Broker,
+database and pipelines share the machine's cores, so a part that keeps them busy runs
+at (cores / machine µs per message): the budget any change has to fit in.
+
 Every part has its own topic prefix and table, dropped afterwards, and a
 deadline: a part that runs out reports how far it got instead of hanging.
 Nothing is asserted.
@@ -48,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -449,6 +456,57 @@ async def hand_written(topic: str, prefix: str, n: int, timeout: float) -> dict[
     return {"rows": rows, "seconds": round(seconds, 2), "msgs_per_s": round(rows / seconds)}
 
 
+# -- CPU per message -------------------------------------------------------------------------
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the machine's cores have been busy since boot, every process's and the
+    kernel's (``guest`` time is already inside ``user`` on Linux)."""
+    t = psutil.cpu_times()
+    return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
+def process_cpu_s(pid: int | None = None) -> float | None:
+    """CPU seconds (user + system, every thread) of process ``pid`` (default: this one);
+    None once it is gone."""
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(t.user + t.system)
+
+
+def per_msg(before: float | None, after: float | None, messages: int) -> float | None:
+    """The CPU seconds from ``before`` to ``after`` as µs a message (None if either is)."""
+    if before is None or after is None or messages <= 0:
+        return None
+    return round((after - before) * 1e6 / messages, 1)
+
+
+async def metered(part: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """A hand-written part's result with the CPU it took per message, start-up included:
+    the machine's and this process's (the pipeline runs here, librdkafka's threads too)."""
+    machine, own = machine_busy_s(), process_cpu_s()
+    result = await part
+    rows = result.get("rows", 0)
+    result["cpu_us_per_msg"] = {
+        "machine": per_msg(machine, machine_busy_s(), rows),
+        "process": per_msg(own, process_cpu_s(), rows),
+    }
+    return result
+
+
+def workers_cpu_s(workers: Iterable[Any]) -> float | None:
+    """CPU seconds of the workers' processes together; None if one is gone."""
+    total = 0.0
+    for w in workers:
+        spent = process_cpu_s(w.proc.pid) if w.proc is not None else None
+        if spent is None:
+            return None
+        total += spent
+    return total
+
+
 # -- c. the fleet ----------------------------------------------------------------------------
 
 
@@ -471,12 +529,20 @@ async def fleet_run(
         await asyncio.gather(*(w.ready(timeout=90) for w in procs))
         ready = time.time()
         at_ready, _ = await asyncio.to_thread(journal_progress, table)
+        cpu_at_ready = machine_busy_s(), workers_cpu_s(procs)
         rows, last_ms, stalled = await wait_rows(fleet, table, n, timeout)
+        cpu_at_end = machine_busy_s(), workers_cpu_s(procs)
     window = last_ms / 1000 - ready
+    counted = rows - at_ready
     return {
         "workers": workers,
         "rows": rows,
         **stalled,
+        # from every worker ready to the last row seen (wait_rows looks every 0.2 s or so)
+        "cpu_us_per_msg": {
+            "machine": per_msg(cpu_at_ready[0], cpu_at_end[0], counted),
+            "workers": per_msg(cpu_at_ready[1], cpu_at_end[1], counted),
+        },
         "preload_msgs_per_s": loaded["msgs_per_s"],
         "startup_s": round(ready - spawned, 2),
         "rows_at_ready": at_ready,
@@ -595,9 +661,9 @@ async def run(n: int, latency_s: int, batch_bytes: int = BATCH_BYTES) -> dict[st
         # Unranked: the broker's first pipeline after a start ran ~1.5x slower than the
         # next (a JVM warms up), so every ranked part now runs on a warm broker.
         await attempt(results, "warm_up", hand_written(topic, f"{prefix}w", n, per_part))
-        await attempt(results, "hand_written", hand_written(topic, prefix, n, per_part))
+        await attempt(results, "hand_written", metered(hand_written(topic, prefix, n, per_part)))
         confluent = hand_written_confluent(topic, prefix, n, per_part)
-        await attempt(results, "hand_written_confluent", confluent)
+        await attempt(results, "hand_written_confluent", metered(confluent))
     finally:
         await delete_topics(prefix)
     # The fleet on its default producer client, alternating with the fleet producing on the
@@ -684,6 +750,19 @@ def summarize(r: dict[str, Any]) -> str:
             )
         else:
             lines.append(f"  {label:<34} {lat.get('timed_out') or lat.get('failed') or 'not run'}")
+    lines.append("  CPU per message, µs (machine: every core's busy time; own: the pipeline's)")
+    for name in (
+        "hand_written",
+        "hand_written_confluent",
+        "fleet_1_worker",
+        f"fleet_1_worker_{OTHER_CLIENT}",
+        "fleet_2_workers",
+        f"fleet_2_workers_{OTHER_CLIENT}",
+    ):
+        cpu = r.get(name, {}).get("cpu_us_per_msg")
+        if cpu:
+            own = cpu.get("process", cpu.get("workers"))
+            lines.append(f"    {name:<36} machine {cpu.get('machine')}, own {own}")
     for name, value in (r.get("ratios") or {}).items():
         lines.append(f"  {name:<38} {value if value is not None else 'n/a'}")
     return "\n".join(lines)
