@@ -30,6 +30,8 @@ import psutil
 from tests.bench.throughput import (
     TimedOut,
     bench_fleet,
+    cpu_seconds,
+    family,
     finish,
     journal_progress,
     paced,
@@ -44,12 +46,6 @@ SIZES = {"full": {"idle_s": 60, "run_s": 600}, "quick": {"idle_s": 10, "run_s": 
 RATE = 500
 
 
-def family(proc: psutil.Process) -> list[psutil.Process]:
-    with contextlib.suppress(psutil.NoSuchProcess):
-        return [proc, *proc.children(recursive=True)]
-    return []
-
-
 def rss_mib(proc: psutil.Process) -> float:
     """Resident memory of the process and its live children, MiB."""
     total = 0
@@ -57,18 +53,6 @@ def rss_mib(proc: psutil.Process) -> float:
         with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
     return round(total / MIB, 1)
-
-
-def cpu_seconds(proc: psutil.Process) -> float:
-    """CPU seconds (user + system) of the process, its reaped and its live children."""
-    total = 0.0
-    for p in family(proc):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            t = p.cpu_times()
-            total += t.user + t.system
-            if p is proc:
-                total += t.children_user + t.children_system
-    return total
 
 
 async def idle_cpu(proc: psutil.Process, seconds: float) -> float:

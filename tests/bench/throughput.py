@@ -466,14 +466,22 @@ def machine_busy_s() -> float:
     return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
 
 
-def process_cpu_s(pid: int | None = None) -> float | None:
-    """CPU seconds (user + system, every thread) of process ``pid`` (default: this one);
-    None once it is gone."""
-    try:
-        t = psutil.Process(pid).cpu_times()
-    except psutil.Error:
-        return None
-    return float(t.user + t.system)
+def family(proc: psutil.Process) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return [proc, *proc.children(recursive=True)]
+    return []
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    """CPU seconds (user + system) of the process, its reaped and its live children."""
+    total = 0.0
+    for p in family(proc):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = p.cpu_times()
+            total += t.user + t.system
+            if p is proc:
+                total += t.children_user + t.children_system
+    return total
 
 
 def per_msg(before: float | None, after: float | None, messages: int) -> float | None:
@@ -486,25 +494,23 @@ def per_msg(before: float | None, after: float | None, messages: int) -> float |
 async def metered(part: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
     """A hand-written part's result with the CPU it took per message, start-up included:
     the machine's and this process's (the pipeline runs here, librdkafka's threads too)."""
-    machine, own = machine_busy_s(), process_cpu_s()
+    this = psutil.Process()
+    machine, own = machine_busy_s(), cpu_seconds(this)
     result = await part
     rows = result.get("rows", 0)
     result["cpu_us_per_msg"] = {
         "machine": per_msg(machine, machine_busy_s(), rows),
-        "process": per_msg(own, process_cpu_s(), rows),
+        "process": per_msg(own, cpu_seconds(this), rows),
     }
     return result
 
 
 def workers_cpu_s(workers: Iterable[Any]) -> float | None:
-    """CPU seconds of the workers' processes together; None if one is gone."""
-    total = 0.0
-    for w in workers:
-        spent = process_cpu_s(w.proc.pid) if w.proc is not None else None
-        if spent is None:
-            return None
-        total += spent
-    return total
+    """CPU seconds of the workers' processes together; None if one has exited."""
+    procs = [w.proc for w in workers]
+    if any(p is None or p.poll() is not None for p in procs):
+        return None
+    return sum(cpu_seconds(psutil.Process(p.pid)) for p in procs)
 
 
 # -- c. the fleet ----------------------------------------------------------------------------
