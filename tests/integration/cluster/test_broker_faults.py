@@ -40,8 +40,9 @@ from tests.integration.transactions.test_transfers import (
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
 
-TOTAL = 7500
-RATE = 250.0  # writes a second: 30 s of traffic, across the fault (and a restart 15 s in)
+TOTAL = 11250
+RATE = 250.0  # writes a second: 45 s of traffic, across the fault, a restart 15 s in, and
+# the setup around the kill (durability check, readiness report: up to ~30 s on a slow day)
 PAUSE_S = 35.0
 
 
